@@ -1,0 +1,55 @@
+// Helpers for the CPU kernels: dtype conversion and the grain sizes that
+// keep at::parallel_for chunks large enough to amortise thread wake-ups.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <limits>
+#include <string_view>
+
+#include "../ops/checks.h"
+
+namespace qlora::cpu {
+
+// Elements per parallel chunk: below this, waking a thread costs more
+// than the work it would take over.
+constexpr int64_t kGrainElements = 1 << 15;
+
+inline int64_t grain_in_blocks(int64_t blocksize) {
+  return blocksize >= kGrainElements ? 1 : kGrainElements / blocksize;
+}
+
+// Rounds a float to T the way torch's .to(dtype) does (round to nearest even).
+template <typename T>
+inline T round_to(float v) {
+  return static_cast<T>(v);
+}
+
+template <typename T>
+inline void to_float(const T* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// Remembers the lowest block holding inf/NaN across parallel chunks, so the
+// error is raised once, on the calling thread, naming the first bad block.
+class FirstBadBlock {
+ public:
+  void report(int64_t block) {
+    int64_t cur = first_.load();
+    while (block < cur && !first_.compare_exchange_weak(cur, block)) {
+    }
+  }
+  void raise_if_any(std::string_view op, int64_t blocksize) const {
+    if (first_.load() != kNone) detail::fail_non_finite(op, first_.load(), blocksize);
+  }
+
+ private:
+  static constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
+  std::atomic<int64_t> first_{kNone};
+};
+
+}  // namespace qlora::cpu

@@ -1,0 +1,37 @@
+// Plain-C++ entry points of the CUDA kernels. The .cu files include no ATen
+// header at all (fast nvcc builds); cuda_ops.cpp turns tensors into these
+// calls and registers them on the CUDA dispatch key.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace qlora::cuda {
+
+enum class Dtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// bad_block: device int64 initialised to INT64_MAX; receives the lowest
+// block holding inf/NaN.
+cudaError_t quantize_4bit(const void* in, Dtype dtype, int64_t n, int64_t blocksize,
+                          int quant_type, uint8_t* packed, float* absmax,
+                          unsigned long long* bad_block, cudaStream_t stream);
+
+cudaError_t dequantize_4bit(const uint8_t* packed, const float* absmax, int64_t n,
+                            int64_t blocksize, int quant_type, void* out, Dtype dtype,
+                            cudaStream_t stream);
+
+cudaError_t quantize_blockwise(const void* in, Dtype dtype, int64_t n, int64_t blocksize,
+                               const float* code, uint8_t* out, float* absmax,
+                               unsigned long long* bad_block, cudaStream_t stream);
+
+cudaError_t dequantize_blockwise(const uint8_t* in, const float* absmax, const float* code,
+                                 int64_t n, int64_t blocksize, void* out, Dtype dtype,
+                                 cudaStream_t stream);
+
+// out[m, j] = sum_k A[m, k] * dequant(B)[j, k], accumulated in float32.
+cudaError_t gemv_4bit(const void* A, Dtype dtype, int64_t M, int64_t N, int64_t K,
+                      const uint8_t* packed, const float* absmax, const float* code,
+                      int64_t blocksize, void* out, cudaStream_t stream);
+
+}  // namespace qlora::cuda

@@ -1,0 +1,72 @@
+// The public C++ API (include/qlora/ops.h): typed dispatcher calls, so C++
+// callers get exactly what torch.ops.qlora.* gives Python callers.
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include "qlora/ops.h"
+
+namespace qlora {
+namespace {
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> quantize_4bit(const at::Tensor& A, int64_t blocksize,
+                                                 std::string_view quant_type,
+                                                 at::ScalarType quant_storage) {
+  static auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, int64_t, std::string_view, at::ScalarType)>("qlora::quantize_4bit");
+  return op.call(A, blocksize, quant_type, quant_storage);
+}
+
+at::Tensor dequantize_4bit_symint(const at::Tensor& packed, const at::Tensor& absmax,
+                                  int64_t blocksize, std::string_view quant_type,
+                                  c10::SymIntArrayRef shape, at::ScalarType dtype) {
+  static auto op =
+      op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, std::string_view,
+                           c10::SymIntArrayRef, at::ScalarType)>("qlora::dequantize_4bit");
+  return op.call(packed, absmax, blocksize, quant_type, shape, dtype);
+}
+
+at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                           std::string_view quant_type, at::IntArrayRef shape,
+                           at::ScalarType dtype) {
+  return dequantize_4bit_symint(packed, absmax, blocksize, quant_type,
+                                c10::fromIntArrayRefSlow(shape), dtype);
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& A, const at::Tensor& code,
+                                                      int64_t blocksize) {
+  static auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, int64_t)>("qlora::quantize_blockwise");
+  return op.call(A, code, blocksize);
+}
+
+at::Tensor dequantize_blockwise(const at::Tensor& A, const at::Tensor& absmax,
+                                const at::Tensor& code, int64_t blocksize, at::ScalarType dtype) {
+  static auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                        int64_t, at::ScalarType)>("qlora::dequantize_blockwise");
+  return op.call(A, absmax, code, blocksize, dtype);
+}
+
+at::Tensor gemv_4bit(const at::Tensor& A, const at::Tensor& B, at::IntArrayRef shapeB,
+                     const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize) {
+  static auto op =
+      op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymIntArrayRef,
+                           const at::Tensor&, const at::Tensor&, int64_t)>("qlora::gemv_4bit");
+  return op.call(A, B, c10::fromIntArrayRefSlow(shapeB), absmax, code, blocksize);
+}
+
+at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                       int64_t blocksize, std::string_view quant_type, at::IntArrayRef shape,
+                       const std::optional<at::Tensor>& bias) {
+  static auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                        int64_t, std::string_view, c10::SymIntArrayRef,
+                                        const std::optional<at::Tensor>&)>("qlora::matmul_4bit");
+  return op.call(x, packed, absmax, blocksize, quant_type, c10::fromIntArrayRefSlow(shape), bias);
+}
+
+}  // namespace qlora

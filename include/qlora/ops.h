@@ -1,0 +1,51 @@
+// Public C++ API of the quantization ops: thin wrappers that call the
+// registered torch.ops.qlora.* operators through the dispatcher, so C++
+// callers get the same CPU/CUDA/Meta/autograd behaviour as Python callers.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+#include <c10/core/SymInt.h>
+#include <c10/util/ArrayRef.h>
+#include <optional>
+#include <string_view>
+
+#include <tuple>
+
+namespace qlora {
+
+// 4-bit blockwise quantization in bitsandbytes' layout: returns the packed
+// codes ((numel+1)/2 bytes as a [k, 1] tensor of quant_storage) and the
+// float32 absmax of every block.
+std::tuple<at::Tensor, at::Tensor> quantize_4bit(const at::Tensor& A, int64_t blocksize,
+                                                 std::string_view quant_type,
+                                                 at::ScalarType quant_storage = at::kByte);
+
+at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                           std::string_view quant_type, at::IntArrayRef shape,
+                           at::ScalarType dtype);
+
+// The same with symbolic sizes (for code that runs under torch.compile).
+at::Tensor dequantize_4bit_symint(const at::Tensor& packed, const at::Tensor& absmax,
+                                  int64_t blocksize, std::string_view quant_type,
+                                  c10::SymIntArrayRef shape, at::ScalarType dtype);
+
+// 8-bit blockwise quantization against a 256-entry code (the dynamic map).
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& A, const at::Tensor& code,
+                                                      int64_t blocksize);
+at::Tensor dequantize_blockwise(const at::Tensor& A, const at::Tensor& absmax,
+                                const at::Tensor& code, int64_t blocksize, at::ScalarType dtype);
+
+// A @ dequant(B)^T for inputs with a single row (batch-1 decoding); products
+// in the input dtype, accumulation in float32. `code` is the 16-entry table.
+at::Tensor gemv_4bit(const at::Tensor& A, const at::Tensor& B, at::IntArrayRef shapeB,
+                     const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize);
+
+// x @ dequant(W)^T + bias, differentiable w.r.t. x and bias (W is frozen).
+// `shape` is W's logical [out, in] shape; absmax is float32 (dequantize
+// double-quantized statistics first, see QuantState::float_absmax()).
+at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                       int64_t blocksize, std::string_view quant_type, at::IntArrayRef shape,
+                       const std::optional<at::Tensor>& bias = std::nullopt);
+
+}  // namespace qlora

@@ -1,0 +1,82 @@
+// The CUDA kernels against the CPU kernels (which the conformance suite
+// checks against bitsandbytes). Skipped, not faked, without a GPU.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include "qlora/ops.h"
+#include "qlora/quant_state.h"
+#include "test_utils.h"
+
+namespace {
+
+class CudaOps : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  }
+};
+
+TEST_F(CudaOps, QuantizeAndDequantize4bitMatchCpuBitForBit) {
+  torch::manual_seed(0);
+  for (auto dtype : {at::kFloat, at::kHalf, at::kBFloat16}) {
+    for (const char* type : {"nf4", "fp4"}) {
+      for (int64_t bs : {32, 64, 128, 256, 512, 1024, 2048, 4096}) {
+        at::Tensor x = (torch::randn({5 * 4096 + 77}) * 2).to(dtype);
+        x.slice(0, 0, bs).zero_();  // an all-zero block
+        auto [pc, ac] = qlora::quantize_4bit(x, bs, type);
+        auto [pg, ag] = qlora::quantize_4bit(x.cuda(), bs, type);
+        ASSERT_TRUE(at::equal(pg.cpu(), pc)) << dtype << " " << type << " bs=" << bs;
+        ASSERT_TRUE(at::equal(ag.cpu(), ac)) << dtype << " " << type << " bs=" << bs;
+        for (auto out : {at::kFloat, at::kHalf, at::kBFloat16}) {
+          const at::Tensor yc = qlora::dequantize_4bit(pc, ac, bs, type, x.sizes(), out);
+          const at::Tensor yg = qlora::dequantize_4bit(pg, ag, bs, type, x.sizes(), out);
+          ASSERT_TRUE(at::equal(yg.cpu(), yc)) << dtype << " " << type << " bs=" << bs;
+        }
+      }
+    }
+  }
+}
+
+TEST_F(CudaOps, Blockwise8MatchesCpu) {
+  torch::manual_seed(1);
+  const at::Tensor code = qlora::dynamic_map(true);
+  const at::Tensor x = torch::randn({100003});
+  for (int64_t bs : {64, 256, 4096}) {
+    auto [qc, ac] = qlora::quantize_blockwise(x, code, bs);
+    auto [qg, ag] = qlora::quantize_blockwise(x.cuda(), code.cuda(), bs);
+    EXPECT_TRUE(at::equal(qg.cpu(), qc));
+    EXPECT_TRUE(at::equal(ag.cpu(), ac));
+    EXPECT_TRUE(at::equal(qlora::dequantize_blockwise(qg, ag, code.cuda(), bs, at::kFloat).cpu(),
+                          qlora::dequantize_blockwise(qc, ac, code, bs, at::kFloat)));
+  }
+}
+
+TEST_F(CudaOps, NonFiniteInputIsAnError) {
+  at::Tensor x = torch::randn({256}).cuda();
+  x[130] = std::numeric_limits<float>::infinity();
+  qlora::test::expect_error([&] { qlora::quantize_4bit(x, 64, "nf4"); }, "inf or NaN in block 2");
+}
+
+TEST_F(CudaOps, GemvAndMatmulMatchCpu) {
+  torch::manual_seed(2);
+  const at::Tensor w = torch::randn({300, 4096}) * 0.02;
+  auto [packed, absmax] = qlora::quantize_4bit(w, 64, "nf4");
+  const at::Tensor bias = torch::randn({300});
+  for (auto dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    for (int64_t rows : {1, 9}) {
+      const at::Tensor x = torch::randn({rows, 4096}).to(dtype);
+      const at::Tensor yc = qlora::matmul_4bit(x, packed, absmax, 64, "nf4", {300, 4096},
+                                               bias.to(dtype));
+      const at::Tensor xg = x.cuda().requires_grad_();
+      const at::Tensor yg = qlora::matmul_4bit(xg, packed.cuda(), absmax.cuda(), 64, "nf4",
+                                               {300, 4096}, bias.to(dtype).cuda());
+      const double tol = dtype == at::kFloat ? 1e-3 : 5e-2;
+      EXPECT_TRUE(at::allclose(yg.cpu().to(at::kFloat), yc.to(at::kFloat), tol, tol))
+          << dtype << " rows=" << rows;
+      yg.sum().backward();
+      EXPECT_EQ(xg.grad().sizes(), x.sizes());
+    }
+  }
+}
+
+}  // namespace

@@ -1,0 +1,126 @@
+"""torch.ops.qlora.* as PyTorch sees them: opcheck (schema, autograd
+registration, fake tensors, AOT dispatch), torch.compile(fullgraph=True),
+torch.export, gradcheck, and schema parity with torch.ops.bitsandbytes."""
+import pytest
+import torch
+from torch.library import opcheck
+
+import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes for the parity test)
+
+import conftest  # noqa: F401  (loads libqlora)
+
+qlora = torch.ops.qlora
+
+
+def weight(out_f=48, in_f=128, blocksize=64, quant_type="nf4"):
+    w = torch.randn(out_f, in_f) * 0.05
+    packed, absmax = qlora.quantize_4bit(w, blocksize, quant_type, torch.uint8)
+    return packed, absmax, [out_f, in_f]
+
+
+def sample_calls():
+    torch.manual_seed(0)
+    code8 = torch.linspace(-1, 1, 256)
+    x = torch.randn(3, 200)
+    for dtype in [torch.float32, torch.bfloat16, torch.float16]:
+        xd = x.to(dtype)
+        yield qlora.quantize_4bit, (xd, 64, "nf4", torch.uint8)
+        yield qlora.quantize_4bit, (xd, 32, "fp4", torch.float32)
+        packed, absmax = qlora.quantize_4bit(xd, 64, "nf4", torch.uint8)
+        yield qlora.dequantize_4bit, (packed, absmax, 64, "nf4", [3, 200], dtype)
+        yield qlora.quantize_blockwise, (xd, code8, 256)
+        q, a = qlora.quantize_blockwise(xd, code8, 256)
+        yield qlora.dequantize_blockwise, (q, a, code8, 256, dtype)
+        p, am, shape = weight()
+        code4 = torch.tensor([-1.0] + [0.0] * 14 + [1.0])
+        yield qlora.gemv_4bit, (torch.randn(1, 128).to(dtype), p, shape, am, code4, 64)
+        for rows in [(1, 128), (5, 128), (2, 3, 128)]:
+            xr = torch.randn(*rows).to(dtype).requires_grad_()
+            bias = torch.randn(48).to(dtype).requires_grad_()
+            yield qlora.matmul_4bit, (xr, p, am, 64, "nf4", shape, bias)
+            yield qlora.matmul_4bit, (xr, p, am, 64, "nf4", shape, None)
+
+
+@pytest.mark.parametrize("call", list(sample_calls()), ids=lambda c: getattr(c, "__name__", "args"))
+def test_opcheck(call):
+    op, args = call
+    opcheck(op, args)
+
+
+def test_opcheck_covers_every_op():
+    ops = {op.__name__.split(".")[0] for op, _ in sample_calls()}
+    assert ops == {"quantize_4bit", "dequantize_4bit", "quantize_blockwise", "dequantize_blockwise",
+                   "gemv_4bit", "matmul_4bit"}
+
+
+class QLinear(torch.nn.Module):
+    def __init__(self, out_f=64, in_f=256):
+        super().__init__()
+        p, a, shape = weight(out_f, in_f)
+        self.register_buffer("packed", p)
+        self.register_buffer("absmax", a)
+        self.shape = shape
+        self.bias = torch.nn.Parameter(torch.randn(out_f))
+
+    def forward(self, x):
+        return torch.relu(qlora.matmul_4bit(x, self.packed, self.absmax, 64, "nf4", self.shape, self.bias))
+
+
+def test_torch_compile_fullgraph_matches_eager_forward_and_backward():
+    torch.manual_seed(1)
+    m = QLinear()
+    x = torch.randn(4, 7, 256, requires_grad=True)
+    eager = m(x)
+    eager.sum().backward()
+    gx, gb = x.grad.clone(), m.bias.grad.clone()
+    x.grad, m.bias.grad = None, None
+    compiled = torch.compile(m, fullgraph=True)
+    out = compiled(x)
+    torch.testing.assert_close(out, eager)
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, gx)
+    torch.testing.assert_close(m.bias.grad, gb)
+
+
+def test_torch_compile_dynamic_shapes():
+    m = QLinear()
+    compiled = torch.compile(m, fullgraph=True, dynamic=True)
+    for rows in [2, 5, 9]:
+        x = torch.randn(rows, 256)
+        torch.testing.assert_close(compiled(x), m(x))
+
+
+def test_torch_export():
+    m = QLinear()
+    x = torch.randn(3, 256)
+    ep = torch.export.export(m, (x,))
+    assert any("qlora.matmul_4bit" in str(n.target) for n in ep.graph.nodes)
+    torch.testing.assert_close(ep.module()(x), m(x))
+
+
+def test_gradcheck_wrt_input_and_bias():
+    torch.manual_seed(2)
+    p, a, shape = weight(8, 64)
+    x = torch.randn(3, 64, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, b: qlora.matmul_4bit(x, p, a, 64, "nf4", shape, b), (x, bias))
+    assert torch.autograd.gradgradcheck(lambda x, b: qlora.matmul_4bit(x, p, a, 64, "nf4", shape, b),
+                                        (x, bias))
+
+
+def test_weight_gets_no_gradient():
+    p, a, shape = weight()
+    a = a.clone().requires_grad_()
+    x = torch.randn(2, 128, requires_grad=True)
+    qlora.matmul_4bit(x, p, a.detach(), 64, "nf4", shape, None).sum().backward()
+    assert x.grad is not None and a.grad is None
+
+
+@pytest.mark.parametrize("name", ["quantize_4bit", "dequantize_4bit", "quantize_blockwise",
+                                  "dequantize_blockwise", "gemv_4bit"])
+def test_schema_mirrors_bitsandbytes(name):
+    ours = getattr(qlora, name).default._schema
+    theirs = getattr(torch.ops.bitsandbytes, name).default._schema
+    norm = lambda t: str(t).replace("SymInt[]", "int[]")  # noqa: E731
+    assert [(a.name, norm(a.type)) for a in ours.arguments] == [(a.name, norm(a.type)) for a in theirs.arguments]
+    assert [norm(r.type) for r in ours.returns] == [norm(r.type) for r in theirs.returns]
