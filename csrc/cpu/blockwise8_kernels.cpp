@@ -1,7 +1,6 @@
 // CPU kernels of the 8-bit blockwise quantizer (dynamic map): the exact
 // nearest code by float32 midpoints, i.e. bitsandbytes' reference rule, not
 // the 65,536-bin lookup-table approximation of its native CPU library.
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -25,8 +24,9 @@ std::array<float, 255> boundaries_of(const at::Tensor& code) {
   const float* v = c.const_data_ptr<float>();
   std::array<float, 255> bounds{};
   for (int i = 0; i < 255; ++i) {
-    TORCH_CHECK(v[i] <= v[i + 1], "qlora::quantize_blockwise: code must be sorted ascending, but code[",
-                i, "] = ", v[i], " > code[", i + 1, "] = ", v[i + 1]);
+    TORCH_CHECK(v[i] <= v[i + 1],
+                "qlora::quantize_blockwise: code must be sorted ascending, but code[", i,
+                "] = ", v[i], " > code[", i + 1, "] = ", v[i + 1]);
     bounds[i] = (v[i] + v[i + 1]) / 2.0f;
   }
   return bounds;
@@ -75,20 +75,20 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& A,
   const at::Tensor input = A.contiguous();
   const int64_t n = input.numel();
   at::Tensor out = at::empty(input.sizes(), input.options().dtype(at::kByte));
-  at::Tensor absmax = at::empty({detail::ceil_div(n, blocksize)}, input.options().dtype(at::kFloat));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
-                                  "quantize_blockwise", [&] {
-                                    quantize_blockwise_impl<scalar_t>(
-                                        input.const_data_ptr<scalar_t>(), n, blocksize,
-                                        bounds.data(), out.mutable_data_ptr<uint8_t>(),
-                                        absmax.mutable_data_ptr<float>());
-                                  });
+  at::Tensor absmax =
+      at::empty({detail::ceil_div(n, blocksize)}, input.options().dtype(at::kFloat));
+  dispatch_float_types(input.scalar_type(), "quantize_blockwise", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    quantize_blockwise_impl<scalar_t>(input.const_data_ptr<scalar_t>(), n, blocksize, bounds.data(),
+                                      out.mutable_data_ptr<uint8_t>(),
+                                      absmax.mutable_data_ptr<float>());
+  });
   return {out, absmax};
 }
 
 template <typename T>
-void dequantize_blockwise_impl(const uint8_t* in, const float* absmax, const float* code,
-                               int64_t n, int64_t blocksize, T* out) {
+void dequantize_blockwise_impl(const uint8_t* in, const float* absmax, const float* code, int64_t n,
+                               int64_t blocksize, T* out) {
   const int64_t blocks = detail::ceil_div(n, blocksize);
   at::parallel_for(0, blocks, grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
@@ -109,7 +109,8 @@ at::Tensor dequantize_blockwise_cpu(const at::Tensor& A, const at::Tensor& absma
   const at::Tensor scales = absmax.contiguous();
   const at::Tensor table = code.contiguous();
   at::Tensor out = at::empty(q.sizes(), q.options().dtype(dtype));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dequantize_blockwise", [&] {
+  dispatch_float_types(dtype, "dequantize_blockwise", [&](auto tag) {
+    using scalar_t = decltype(tag);
     dequantize_blockwise_impl<scalar_t>(q.const_data_ptr<uint8_t>(), scales.const_data_ptr<float>(),
                                         table.const_data_ptr<float>(), q.numel(), blocksize,
                                         out.mutable_data_ptr<scalar_t>());

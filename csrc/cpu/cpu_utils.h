@@ -11,6 +11,9 @@
 #include <limits>
 #include <string_view>
 
+#include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
+
 #include "../ops/checks.h"
 
 namespace qlora::cpu {
@@ -32,6 +35,27 @@ inline T round_to(float v) {
 template <typename T>
 inline void to_float(const T* src, int64_t n, float* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// Large fresh outputs are first touched by our kernels: asking for
+// transparent huge pages turns ~16k page faults per 64 MB into ~32 (where
+// THP is in "madvise" mode, the common default). A hint only.
+void advise_huge_pages(void* data, size_t nbytes);
+
+// Calls f with a value of the element type of dtype (float32, float16 or
+// bfloat16: the only dtypes the ops accept, checked before dispatch).
+template <typename F>
+void dispatch_float_types(at::ScalarType dtype, const char* op, F&& f) {
+  switch (dtype) {
+    case at::kFloat:
+      return f(float{});
+    case at::kHalf:
+      return f(c10::Half{});
+    case at::kBFloat16:
+      return f(c10::BFloat16{});
+    default:
+      TORCH_CHECK(false, "qlora::", op, ": unsupported dtype ", dtype);
+  }
 }
 
 // Remembers the lowest block holding inf/NaN across parallel chunks, so the

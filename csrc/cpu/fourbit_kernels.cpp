@@ -1,7 +1,6 @@
 // CPU kernels of quantize_4bit / dequantize_4bit: blocks in parallel, each
 // block a branch-free loop the compiler vectorises. The per-element rules
 // come from common/quant_math.h, shared with the CUDA kernels.
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -13,6 +12,8 @@
 #include "../common/tables.h"
 #include "../ops/checks.h"
 #include "cpu_utils.h"
+#include "dequant_range.h"
+#include "fourbit_avx2.h"
 
 namespace qlora::cpu {
 namespace {
@@ -51,6 +52,7 @@ void quantize_4bit_impl(const T* in, int64_t n, int64_t blocksize, const FourBit
                         uint8_t* packed, float* absmax) {
   const int64_t blocks = detail::ceil_div(n, blocksize);
   const uint8_t pad_code = detail::encode_4bit(0.f, t);
+  const bool avx2 = simd::avx2_enabled();
   FirstBadBlock bad;
   at::parallel_for(0, blocks, grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
     std::vector<float> x(blocksize);
@@ -59,17 +61,24 @@ void quantize_4bit_impl(const T* in, int64_t n, int64_t blocksize, const FourBit
       const int64_t start = b * blocksize;
       const int64_t len = std::min(blocksize, n - start);
       to_float(in + start, len, x.data());
-      const uint32_t bits = max_abs_bits(x.data(), len);
+      const bool partial = len < blocksize;
+      const bool vector = avx2 && !partial;  // full blocks are multiples of 32
+      const uint32_t bits =
+          vector ? simd::max_abs_bits_avx2(x.data(), len) : max_abs_bits(x.data(), len);
       if (bits >= detail::kNonFiniteBits) {
         bad.report(b);
         continue;
       }
       const float amax = detail::bits_float(bits);
-      const bool partial = len < blocksize;
       // bitsandbytes stores the clamped absmax only for the partial block.
       absmax[b] = partial ? std::max(amax, detail::kMinAbsmax) : amax;
-      encode_block(x.data(), len, amax, partial, t, codes.data());
-      pack_block(codes.data(), len, pad_code, packed + start / 2);
+      if (vector) {
+        simd::encode_pack_avx2(x.data(), len, detail::reciprocal_scale(amax), t,
+                               packed + start / 2);
+      } else {
+        encode_block(x.data(), len, amax, partial, t, codes.data());
+        pack_block(codes.data(), len, pad_code, packed + start / 2);
+      }
     }
   });
   bad.raise_if_any("quantize_4bit", blocksize);
@@ -85,14 +94,14 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& A, int64_
   const int64_t n = input.numel();
   const int64_t nbytes = (n + 1) / 2;
   at::Tensor packed = at::empty({nbytes, 1}, input.options().dtype(at::kByte));
-  at::Tensor absmax = at::empty({detail::ceil_div(n, blocksize)}, input.options().dtype(at::kFloat));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "quantize_4bit",
-                                  [&] {
-                                    quantize_4bit_impl<scalar_t>(
-                                        input.const_data_ptr<scalar_t>(), n, blocksize, tables,
-                                        packed.mutable_data_ptr<uint8_t>(),
-                                        absmax.mutable_data_ptr<float>());
-                                  });
+  at::Tensor absmax =
+      at::empty({detail::ceil_div(n, blocksize)}, input.options().dtype(at::kFloat));
+  dispatch_float_types(input.scalar_type(), "quantize_4bit", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    quantize_4bit_impl<scalar_t>(input.const_data_ptr<scalar_t>(), n, blocksize, tables,
+                                 packed.mutable_data_ptr<uint8_t>(),
+                                 absmax.mutable_data_ptr<float>());
+  });
   if (quant_storage != at::kByte) {
     const int64_t esize = static_cast<int64_t>(c10::elementSize(quant_storage));
     packed = packed.view({nbytes}).view(quant_storage).view({nbytes / esize, 1});
@@ -101,26 +110,28 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& A, int64_
 }
 
 template <typename T>
-void dequantize_4bit_impl(const uint8_t* packed, const float* absmax, int64_t n,
-                          int64_t blocksize, const FourBitTables& t, T* out) {
+void dequantize_4bit_impl(const uint8_t* packed, const float* absmax, int64_t n, int64_t blocksize,
+                          const FourBitTables& t, T* out) {
   const int64_t blocks = detail::ceil_div(n, blocksize);
+  const bool avx2 = simd::avx2_enabled();
   at::parallel_for(0, blocks, grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
-    T lut[16];
-    for (int64_t b = begin; b < end; ++b) {
-      // Same float product, rounded once to T, as code[q] * absmax then .to(dtype).
-      for (int k = 0; k < 16; ++k) lut[k] = round_to<T>(t.values[k] * absmax[b]);
-      const int64_t start = b * blocksize;
-      const int64_t len = std::min(blocksize, n - start);
-      const uint8_t* src = packed + start / 2;
-      T* dst = out + start;
-      const int64_t pairs = len / 2;
-      for (int64_t j = 0; j < pairs; ++j) {
-        const uint8_t byte = src[j];
-        dst[2 * j] = lut[byte >> 4];
-        dst[2 * j + 1] = lut[byte & 0x0F];
-      }
-      if (len & 1) dst[len - 1] = lut[src[pairs] >> 4];
-    }
+    const int64_t first = begin * blocksize;
+    dequantize_range<T, T>(packed, absmax, blocksize, t, first, std::min(n, end * blocksize),
+                           out + first, avx2);
+  });
+}
+
+// Writes dequant(A) into out (contiguous, shape and dtype already checked).
+void dequantize_4bit_into(const at::Tensor& A, const at::Tensor& absmax, int64_t blocksize,
+                          std::string_view quant_type, int64_t n, at::Tensor& out) {
+  TORCH_CHECK(A.device().is_cpu(), "qlora::dequantize_4bit (CPU kernel): A must be on CPU");
+  const auto& tables = detail::host_tables(detail::parse_quant_type("dequantize_4bit", quant_type));
+  const at::Tensor bytes = A.contiguous().view(at::kByte);
+  const at::Tensor scales = absmax.contiguous();
+  dispatch_float_types(out.scalar_type(), "dequantize_4bit", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    dequantize_4bit_impl<scalar_t>(bytes.const_data_ptr<uint8_t>(), scales.const_data_ptr<float>(),
+                                   n, blocksize, tables, out.mutable_data_ptr<scalar_t>());
   });
 }
 
@@ -129,17 +140,19 @@ at::Tensor dequantize_4bit_cpu(const at::Tensor& A, const at::Tensor& absmax, in
                                at::ScalarType dtype) {
   const int64_t n =
       detail::check_dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype).expect_int();
-  TORCH_CHECK(A.device().is_cpu(), "qlora::dequantize_4bit (CPU kernel): A must be on CPU");
-  const auto& tables =
-      detail::host_tables(detail::parse_quant_type("dequantize_4bit", quant_type));
-  const at::Tensor bytes = A.contiguous().view(at::kByte);
-  const at::Tensor scales = absmax.contiguous();
   at::Tensor out = at::empty(C10_AS_INTARRAYREF_SLOW(shape), A.options().dtype(dtype));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dequantize_4bit", [&] {
-    dequantize_4bit_impl<scalar_t>(bytes.const_data_ptr<uint8_t>(), scales.const_data_ptr<float>(),
-                                   n, blocksize, tables, out.mutable_data_ptr<scalar_t>());
-  });
+  advise_huge_pages(out.data_ptr(), out.nbytes());
+  dequantize_4bit_into(A, absmax, blocksize, quant_type, n, out);
   return out;
+}
+
+void dequantize_4bit_out_cpu(const at::Tensor& A, const at::Tensor& absmax, int64_t blocksize,
+                             std::string_view quant_type, c10::SymIntArrayRef shape,
+                             at::ScalarType dtype, at::Tensor& out) {
+  const int64_t n =
+      detail::check_dequantize_4bit_out(A, absmax, blocksize, quant_type, shape, dtype, out)
+          .expect_int();
+  dequantize_4bit_into(A, absmax, blocksize, quant_type, n, out);
 }
 
 }  // namespace
@@ -147,6 +160,7 @@ at::Tensor dequantize_4bit_cpu(const at::Tensor& A, const at::Tensor& absmax, in
 TORCH_LIBRARY_IMPL(qlora, CPU, m) {
   m.impl("quantize_4bit", &quantize_4bit_cpu);
   m.impl("dequantize_4bit", &dequantize_4bit_cpu);
+  m.impl("dequantize_4bit.out", &dequantize_4bit_out_cpu);
 }
 
 }  // namespace qlora::cpu

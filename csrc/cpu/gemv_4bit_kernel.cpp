@@ -1,68 +1,53 @@
 // CPU gemv_4bit: y = A @ dequant(B)^T for a few input rows without ever
-// materialising the dequantised weight, so it streams 4 bits per weight
-// instead of 16/32. Output rows run in parallel.
-#include <ATen/Dispatch.h>
+// materialising the dequantised weight: each thread expands one weight row
+// at a time into an L1/L2-resident buffer and takes its dot product, so the
+// weight streams from memory at 4 bits per value.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
-#include "../common/quant_math.h"
 #include "../ops/checks.h"
 #include "cpu_utils.h"
+#include "dequant_range.h"
+#include "fourbit_avx2.h"
 
 namespace qlora::cpu {
 namespace {
 
-// Dot product of x (K floats) with weight row `row` of a [N, K] 4-bit
-// matrix whose blocks run over the flattened tensor (so a block may straddle
-// rows when K is not a multiple of the blocksize). Each weight is rounded to
-// T first, as dequantize-to-T followed by a matmul would see it.
-template <typename T>
-float dot_row(const float* x, const uint8_t* packed, const float* absmax, const float* code,
-              int64_t row, int64_t K, int64_t blocksize) {
-  const int64_t row_begin = row * K;
-  const int64_t row_end = row_begin + K;
-  float acc0 = 0.f, acc1 = 0.f;
-  float lut[16];
-  for (int64_t t = row_begin; t < row_end;) {
-    const int64_t block = t / blocksize;
-    const int64_t seg_end = std::min(row_end, (block + 1) * blocksize);
-    for (int k = 0; k < 16; ++k) lut[k] = static_cast<float>(round_to<T>(code[k] * absmax[block]));
-    const float* xs = x + (t - row_begin);
-    int64_t i = t;
-    if (i & 1) {  // odd start: finish the byte shared with the previous segment
-      acc0 += *xs++ * lut[detail::nibble_at(packed, i)];
-      ++i;
-    }
-    for (; i + 1 < seg_end; i += 2, xs += 2) {
-      const uint8_t byte = packed[i >> 1];
-      acc0 += xs[0] * lut[byte >> 4];
-      acc1 += xs[1] * lut[byte & 0x0F];
-    }
-    if (i < seg_end) acc0 += *xs * lut[detail::nibble_at(packed, i)];
-    t = seg_end;
-  }
-  return acc0 + acc1;
+float dot(const float* a, const float* b, int64_t n, bool avx2) {
+  if (avx2) return simd::dot_avx2(a, b, n);
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4)
+    for (int k = 0; k < 4; ++k) acc[k] += a[i + k] * b[i + k];
+  for (; i < n; ++i) acc[0] += a[i] * b[i];
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
 }
 
+// Weights are rounded to T (what dequantize-to-T + matmul would use), then
+// multiplied and summed in float32.
 template <typename T>
 void gemv_4bit_impl(const T* A, int64_t M, int64_t N, int64_t K, const uint8_t* packed,
-                    const float* absmax, const float* code, int64_t blocksize, T* out) {
-  std::vector<float> x(K);
-  // A few rows at most: each row is one parallel sweep over the weight.
-  for (int64_t m = 0; m < M; ++m) {
-    to_float(A + m * K, K, x.data());
-    const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(K, 1));
-    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n)
-        out[m * N + n] =
-            round_to<T>(dot_row<T>(x.data(), packed, absmax, code, n, K, blocksize));
-    });
-  }
+                    const float* absmax, const detail::FourBitTables& table, int64_t blocksize,
+                    T* out) {
+  std::vector<float> x(M * K);
+  to_float(A, M * K, x.data());
+  const bool avx2 = simd::avx2_enabled();
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(K, 1));
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> w(K);
+    for (int64_t n = begin; n < end; ++n) {
+      dequantize_range<T, float>(packed, absmax, blocksize, table, n * K, (n + 1) * K, w.data(),
+                                 avx2);
+      for (int64_t m = 0; m < M; ++m)
+        out[m * N + n] = round_to<T>(dot(x.data() + m * K, w.data(), K, avx2));
+    }
+  });
 }
 
 at::Tensor gemv_4bit_cpu(const at::Tensor& A, const at::Tensor& B, c10::SymIntArrayRef shapeB,
@@ -74,18 +59,16 @@ at::Tensor gemv_4bit_cpu(const at::Tensor& A, const at::Tensor& B, c10::SymIntAr
   const at::Tensor a = A.contiguous();
   const at::Tensor bytes = B.contiguous().view(at::kByte);
   const at::Tensor scales = absmax.contiguous();
-  const at::Tensor table = code.contiguous();
+  detail::FourBitTables table{};  // only the values are used to decode
+  std::memcpy(table.values, code.contiguous().const_data_ptr<float>(), sizeof(table.values));
   std::vector<int64_t> out_shape(a.sizes().begin(), a.sizes().end() - 1);
   out_shape.push_back(N);
   at::Tensor out = at::empty(out_shape, a.options());
-  const int64_t M = K == 0 ? 0 : a.numel() / K;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "gemv_4bit", [&] {
-    if (K == 0) {
-      out.zero_();
-      return;
-    }
-    gemv_4bit_impl<scalar_t>(a.const_data_ptr<scalar_t>(), M, N, K, bytes.const_data_ptr<uint8_t>(),
-                             scales.const_data_ptr<float>(), table.const_data_ptr<float>(),
+  if (K == 0) return out.zero_();
+  dispatch_float_types(a.scalar_type(), "gemv_4bit", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    gemv_4bit_impl<scalar_t>(a.const_data_ptr<scalar_t>(), a.numel() / K, N, K,
+                             bytes.const_data_ptr<uint8_t>(), scales.const_data_ptr<float>(), table,
                              blocksize, out.mutable_data_ptr<scalar_t>());
   });
   return out;

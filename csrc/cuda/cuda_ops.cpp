@@ -69,21 +69,35 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& A, int64
   return {packed, absmax};
 }
 
-at::Tensor dequantize_4bit_cuda(const at::Tensor& A, const at::Tensor& absmax, int64_t blocksize,
-                                std::string_view quant_type, c10::SymIntArrayRef shape,
-                                at::ScalarType dtype) {
-  const int64_t n =
-      detail::check_dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype).expect_int();
+void dequantize_4bit_into(const at::Tensor& A, const at::Tensor& absmax, int64_t blocksize,
+                          std::string_view quant_type, int64_t n, at::Tensor& out) {
   require_cuda("dequantize_4bit", A, "A");
   const c10::cuda::CUDAGuard guard(A.device());
   const int type = static_cast<int>(detail::parse_quant_type("dequantize_4bit", quant_type));
   const at::Tensor bytes = A.contiguous().view(at::kByte);
   const at::Tensor scales = absmax.contiguous();
-  at::Tensor out = at::empty(C10_AS_INTARRAYREF_SLOW(shape), A.options().dtype(dtype));
   C10_CUDA_CHECK(dequantize_4bit(bytes.const_data_ptr<uint8_t>(), scales.const_data_ptr<float>(), n,
-                                 blocksize, type, out.mutable_data_ptr(), to_dtype(dtype),
-                                 at::cuda::getCurrentCUDAStream()));
+                                 blocksize, type, out.mutable_data_ptr(),
+                                 to_dtype(out.scalar_type()), at::cuda::getCurrentCUDAStream()));
+}
+
+at::Tensor dequantize_4bit_cuda(const at::Tensor& A, const at::Tensor& absmax, int64_t blocksize,
+                                std::string_view quant_type, c10::SymIntArrayRef shape,
+                                at::ScalarType dtype) {
+  const int64_t n =
+      detail::check_dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype).expect_int();
+  at::Tensor out = at::empty(C10_AS_INTARRAYREF_SLOW(shape), A.options().dtype(dtype));
+  dequantize_4bit_into(A, absmax, blocksize, quant_type, n, out);
   return out;
+}
+
+void dequantize_4bit_out_cuda(const at::Tensor& A, const at::Tensor& absmax, int64_t blocksize,
+                              std::string_view quant_type, c10::SymIntArrayRef shape,
+                              at::ScalarType dtype, at::Tensor& out) {
+  const int64_t n = detail::check_dequantize_4bit_out(A, absmax, blocksize, quant_type, shape,
+                                                      dtype, out)
+                        .expect_int();
+  dequantize_4bit_into(A, absmax, blocksize, quant_type, n, out);
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& A,
@@ -152,6 +166,7 @@ at::Tensor gemv_4bit_cuda(const at::Tensor& A, const at::Tensor& B, c10::SymIntA
 TORCH_LIBRARY_IMPL(qlora, CUDA, m) {
   m.impl("quantize_4bit", &quantize_4bit_cuda);
   m.impl("dequantize_4bit", &dequantize_4bit_cuda);
+  m.impl("dequantize_4bit.out", &dequantize_4bit_out_cuda);
   m.impl("quantize_blockwise", &quantize_blockwise_cuda);
   m.impl("dequantize_blockwise", &dequantize_blockwise_cuda);
   m.impl("gemv_4bit", &gemv_4bit_cuda);

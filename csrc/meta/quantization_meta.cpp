@@ -32,6 +32,12 @@ at::Tensor dequantize_4bit_meta(const at::Tensor& A, const at::Tensor& absmax, i
   return at::empty_symint(shape, A.options().dtype(dtype));
 }
 
+void dequantize_4bit_out_meta(const at::Tensor& A, const at::Tensor& absmax, int64_t blocksize,
+                              std::string_view quant_type, c10::SymIntArrayRef shape,
+                              at::ScalarType dtype, at::Tensor& out) {
+  detail::check_dequantize_4bit_out(A, absmax, blocksize, quant_type, shape, dtype, out);
+}
+
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_meta(const at::Tensor& A,
                                                            const at::Tensor& code,
                                                            int64_t blocksize) {
@@ -73,6 +79,7 @@ at::Tensor matmul_4bit_meta(const at::Tensor& x, const at::Tensor& B, const at::
 TORCH_LIBRARY_IMPL(qlora, Meta, m) {
   m.impl("quantize_4bit", &quantize_4bit_meta);
   m.impl("dequantize_4bit", &dequantize_4bit_meta);
+  m.impl("dequantize_4bit.out", &dequantize_4bit_out_meta);
   m.impl("quantize_blockwise", &quantize_blockwise_meta);
   m.impl("dequantize_blockwise", &dequantize_blockwise_meta);
   m.impl("gemv_4bit", &gemv_4bit_meta);

@@ -58,24 +58,37 @@ void check_quantize_4bit(const at::Tensor& A, int64_t blocksize, std::string_vie
               quant_storage, " (element size ", storage_bytes, ")");
 }
 
-c10::SymInt check_dequantize_4bit(const at::Tensor& A, const at::Tensor& absmax,
-                                  int64_t blocksize, std::string_view quant_type,
-                                  c10::SymIntArrayRef shape, at::ScalarType dtype) {
+c10::SymInt check_dequantize_4bit(const at::Tensor& A, const at::Tensor& absmax, int64_t blocksize,
+                                  std::string_view quant_type, c10::SymIntArrayRef shape,
+                                  at::ScalarType dtype) {
   constexpr std::string_view op = "dequantize_4bit";
   parse_quant_type(op, quant_type);
   check_blocksize(op, blocksize);
   check_float_dtype(op, "dtype", dtype);
   check_same_device(op, A, "A", absmax, "absmax");
-  TORCH_CHECK(absmax.scalar_type() == at::kFloat, "qlora::", op,
-              ": absmax must be float32, got ", absmax.scalar_type(),
+  TORCH_CHECK(absmax.scalar_type() == at::kFloat, "qlora::", op, ": absmax must be float32, got ",
+              absmax.scalar_type(),
               " (dequantize double-quantized statistics first: QuantState::float_absmax())");
   const c10::SymInt n = checked_numel(op, shape);
   const c10::SymInt a_bytes = A.sym_numel() * static_cast<int64_t>(A.element_size());
-  TORCH_CHECK(a_bytes == packed_bytes(n), "qlora::", op, ": A holds ", a_bytes,
-              " bytes but shape ", shape, " (", n, " elements) needs ", packed_bytes(n));
+  TORCH_CHECK(a_bytes == packed_bytes(n), "qlora::", op, ": A holds ", a_bytes, " bytes but shape ",
+              shape, " (", n, " elements) needs ", packed_bytes(n));
   TORCH_CHECK(absmax.sym_numel() == num_blocks(n, blocksize), "qlora::", op, ": absmax has ",
               absmax.sym_numel(), " elements but ", n, " elements in blocks of ", blocksize,
               " need ", num_blocks(n, blocksize));
+  return n;
+}
+
+c10::SymInt check_dequantize_4bit_out(const at::Tensor& A, const at::Tensor& absmax,
+                                      int64_t blocksize, std::string_view quant_type,
+                                      c10::SymIntArrayRef shape, at::ScalarType dtype,
+                                      const at::Tensor& out) {
+  const c10::SymInt n = check_dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype);
+  check_same_device("dequantize_4bit.out", A, "A", out, "out");
+  TORCH_CHECK(out.scalar_type() == dtype && out.sym_sizes() == shape && out.is_contiguous(),
+              "qlora::dequantize_4bit.out: out must be a contiguous ", dtype, " tensor of shape ",
+              shape, ", got ", out.scalar_type(), out.sym_sizes(),
+              out.is_contiguous() ? "" : " (non-contiguous)");
   return n;
 }
 
@@ -98,8 +111,8 @@ void check_dequantize_blockwise(const at::Tensor& A, const at::Tensor& absmax,
   check_same_device(op, A, "A", code, "code");
   TORCH_CHECK(A.scalar_type() == at::kByte, "qlora::", op, ": A must be uint8, got ",
               A.scalar_type());
-  TORCH_CHECK(absmax.scalar_type() == at::kFloat, "qlora::", op,
-              ": absmax must be float32, got ", absmax.scalar_type());
+  TORCH_CHECK(absmax.scalar_type() == at::kFloat, "qlora::", op, ": absmax must be float32, got ",
+              absmax.scalar_type());
   TORCH_CHECK(code.scalar_type() == at::kFloat && code.sym_numel() == 256, "qlora::", op,
               ": code must be a float32 tensor of 256 values, got ", code.scalar_type(),
               code.sym_sizes());
@@ -112,14 +125,14 @@ namespace {
 void check_weight_4bit(std::string_view op, const at::Tensor& B, c10::SymIntArrayRef shapeB,
                        const at::Tensor& absmax, int64_t blocksize) {
   check_blocksize(op, blocksize);
-  TORCH_CHECK(shapeB.size() == 2, "qlora::", op, ": shapeB must be [out_features, in_features], got ",
-              shapeB);
+  TORCH_CHECK(shapeB.size() == 2, "qlora::", op,
+              ": shapeB must be [out_features, in_features], got ", shapeB);
   const c10::SymInt n = checked_numel(op, shapeB);
   const c10::SymInt b_bytes = B.sym_numel() * static_cast<int64_t>(B.element_size());
   TORCH_CHECK(b_bytes == packed_bytes(n), "qlora::", op, ": B holds ", b_bytes,
               " bytes but shapeB ", shapeB, " needs ", packed_bytes(n));
-  TORCH_CHECK(absmax.scalar_type() == at::kFloat, "qlora::", op,
-              ": absmax must be float32, got ", absmax.scalar_type(),
+  TORCH_CHECK(absmax.scalar_type() == at::kFloat, "qlora::", op, ": absmax must be float32, got ",
+              absmax.scalar_type(),
               " (dequantize double-quantized statistics first: QuantState::float_absmax())");
   TORCH_CHECK(absmax.sym_numel() == num_blocks(n, blocksize), "qlora::", op, ": absmax has ",
               absmax.sym_numel(), " elements but shapeB ", shapeB, " in blocks of ", blocksize,
@@ -136,8 +149,8 @@ void check_gemv_4bit(const at::Tensor& A, const at::Tensor& B, c10::SymIntArrayR
   check_same_device(op, A, "A", absmax, "absmax");
   check_same_device(op, A, "A", code, "code");
   TORCH_CHECK(A.dim() >= 1 && A.sym_size(-1) == shapeB[1], "qlora::", op, ": A's last dimension (",
-              A.dim() ? A.sym_size(-1) : c10::SymInt(0), ") must equal in_features shapeB[1] = ",
-              shapeB[1]);
+              A.dim() ? A.sym_size(-1) : c10::SymInt(0),
+              ") must equal in_features shapeB[1] = ", shapeB[1]);
   TORCH_CHECK(code.scalar_type() == at::kFloat && code.sym_numel() == 16, "qlora::", op,
               ": code must be the float32 16-entry 4-bit table, got ", code.scalar_type(),
               code.sym_sizes());
@@ -155,8 +168,8 @@ void check_matmul_4bit(const at::Tensor& x, const at::Tensor& B, const at::Tenso
               x.scalar_type());
   check_same_device(op, x, "x", B, "B");
   check_same_device(op, x, "x", absmax, "absmax");
-  TORCH_CHECK(x.dim() >= 1 && x.sym_size(-1) == shapeB[1], "qlora::", op,
-              ": x's last dimension (", x.dim() ? x.sym_size(-1) : c10::SymInt(0),
+  TORCH_CHECK(x.dim() >= 1 && x.sym_size(-1) == shapeB[1], "qlora::", op, ": x's last dimension (",
+              x.dim() ? x.sym_size(-1) : c10::SymInt(0),
               ") must equal in_features shapeB[1] = ", shapeB[1]);
   if (bias.has_value() && bias->defined()) {
     check_same_device(op, x, "x", *bias, "bias");
@@ -166,8 +179,8 @@ void check_matmul_4bit(const at::Tensor& x, const at::Tensor& B, const at::Tenso
 }
 
 void fail_non_finite(std::string_view op, int64_t block, int64_t blocksize) {
-  TORCH_CHECK(false, "qlora::", op, ": input holds inf or NaN in block ", block,
-              " (elements ", block * blocksize, "..", (block + 1) * blocksize - 1,
+  TORCH_CHECK(false, "qlora::", op, ": input holds inf or NaN in block ", block, " (elements ",
+              block * blocksize, "..", (block + 1) * blocksize - 1,
               "); blockwise quantization needs finite values");
 }
 

@@ -28,9 +28,14 @@ c10::SymInt num_blocks(const c10::SymInt& n, int64_t blocksize);
 void check_quantize_4bit(const at::Tensor& A, int64_t blocksize, std::string_view quant_type,
                          at::ScalarType quant_storage);
 // dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype); returns numel(shape)
-c10::SymInt check_dequantize_4bit(const at::Tensor& A, const at::Tensor& absmax,
-                                  int64_t blocksize, std::string_view quant_type,
-                                  c10::SymIntArrayRef shape, at::ScalarType dtype);
+c10::SymInt check_dequantize_4bit(const at::Tensor& A, const at::Tensor& absmax, int64_t blocksize,
+                                  std::string_view quant_type, c10::SymIntArrayRef shape,
+                                  at::ScalarType dtype);
+// dequantize_4bit.out: the above plus out's shape, dtype, device, layout.
+c10::SymInt check_dequantize_4bit_out(const at::Tensor& A, const at::Tensor& absmax,
+                                      int64_t blocksize, std::string_view quant_type,
+                                      c10::SymIntArrayRef shape, at::ScalarType dtype,
+                                      const at::Tensor& out);
 void check_quantize_blockwise(const at::Tensor& A, const at::Tensor& code, int64_t blocksize);
 void check_dequantize_blockwise(const at::Tensor& A, const at::Tensor& absmax,
                                 const at::Tensor& code, int64_t blocksize, at::ScalarType dtype);

@@ -35,7 +35,8 @@ at::Tensor dequantize_weight_as(const at::Tensor& B, const at::Tensor& absmax, i
                                 std::string_view quant_type, c10::SymIntArrayRef shapeB,
                                 at::ScalarType dtype) {
   if (dtype == at::kDouble)
-    return dequantize_4bit_symint(B, absmax, blocksize, quant_type, shapeB, at::kFloat).to(at::kDouble);
+    return dequantize_4bit_symint(B, absmax, blocksize, quant_type, shapeB, at::kFloat)
+        .to(at::kDouble);
   return dequantize_4bit_symint(B, absmax, blocksize, quant_type, shapeB, dtype);
 }
 

@@ -1,36 +1,39 @@
-// Backend kernel of matmul_4bit (CPU and CUDA alike): single-row inputs go
-// to the fused gemv_4bit kernel, everything else dequantises the weight once
-// into the input dtype and runs the backend's GEMM. Both call the qlora ops
-// through the dispatcher, so each device gets its own kernels.
+// matmul_4bit composite: single-row inputs go to the fused gemv_4bit kernel,
+// everything else dequantises the weight once into the input dtype and runs
+// the backend's GEMM. Both call the qlora ops through the dispatcher, so each
+// device gets its own kernels.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/linear.h>
 #include <torch/library.h>
 
 #include "checks.h"
 #include "code_tables.h"
+#include "matmul_4bit_composite.h"
 #include "qlora/ops.h"
 
 namespace qlora {
-namespace {
 
-at::Tensor matmul_4bit_kernel(const at::Tensor& x, const at::Tensor& B, const at::Tensor& absmax,
-                              int64_t blocksize, std::string_view quant_type,
-                              c10::SymIntArrayRef shapeB, const std::optional<at::Tensor>& bias) {
-  detail::check_matmul_4bit(x, B, absmax, blocksize, quant_type, shapeB, bias);
+namespace detail {
+
+at::Tensor matmul_4bit_composite(const at::Tensor& x, const at::Tensor& B, const at::Tensor& absmax,
+                                 int64_t blocksize, std::string_view quant_type,
+                                 c10::SymIntArrayRef shapeB,
+                                 const std::optional<at::Tensor>& bias) {
+  check_matmul_4bit(x, B, absmax, blocksize, quant_type, shapeB, bias);
   const bool has_bias = bias.has_value() && bias->defined();
   if (x.scalar_type() != at::kDouble && x.numel() > 0 && x.numel() == x.size(-1)) {
-    const at::Tensor code = detail::code_table_on(quant_type, x.device());
+    const at::Tensor code = code_table_on(quant_type, x.device());
     at::Tensor y = gemv_4bit(x, B, C10_AS_INTARRAYREF_SLOW(shapeB), absmax, code, blocksize);
     return has_bias ? y.add_(*bias) : y;
   }
-  return at::linear(x, detail::dequantize_weight_as(B, absmax, blocksize, quant_type, shapeB, x.scalar_type()), bias);
+  return at::linear(
+      x, dequantize_weight_as(B, absmax, blocksize, quant_type, shapeB, x.scalar_type()), bias);
 }
 
-}  // namespace
+}  // namespace detail
 
-TORCH_LIBRARY_IMPL(qlora, CPU, m) { m.impl("matmul_4bit", &matmul_4bit_kernel); }
 #ifdef QLORA_WITH_CUDA
-TORCH_LIBRARY_IMPL(qlora, CUDA, m) { m.impl("matmul_4bit", &matmul_4bit_kernel); }
+TORCH_LIBRARY_IMPL(qlora, CUDA, m) { m.impl("matmul_4bit", &detail::matmul_4bit_composite); }
 #endif
 
 }  // namespace qlora

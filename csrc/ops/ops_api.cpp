@@ -38,10 +38,21 @@ at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, i
                                 c10::fromIntArrayRefSlow(shape), dtype);
 }
 
+void dequantize_4bit_out(at::Tensor& out, const at::Tensor& packed, const at::Tensor& absmax,
+                         int64_t blocksize, std::string_view quant_type, at::IntArrayRef shape,
+                         at::ScalarType dtype) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("qlora::dequantize_4bit", "out")
+                       .typed<void(const at::Tensor&, const at::Tensor&, int64_t, std::string_view,
+                                   c10::SymIntArrayRef, at::ScalarType, at::Tensor&)>();
+  op.call(packed, absmax, blocksize, quant_type, c10::fromIntArrayRefSlow(shape), dtype, out);
+}
+
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& A, const at::Tensor& code,
                                                       int64_t blocksize) {
-  static auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(
-      const at::Tensor&, const at::Tensor&, int64_t)>("qlora::quantize_blockwise");
+  static auto op =
+      op_handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t)>(
+          "qlora::quantize_blockwise");
   return op.call(A, code, blocksize);
 }
 

@@ -4,10 +4,23 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(qlora, m) {
-  m.def("quantize_4bit(Tensor A, int blocksize, str quant_type, ScalarType quant_storage) -> (Tensor, Tensor)");
-  m.def("dequantize_4bit(Tensor A, Tensor absmax, int blocksize, str quant_type, SymInt[] shape, ScalarType dtype) -> Tensor");
+  m.def(
+      "quantize_4bit(Tensor A, int blocksize, str quant_type, ScalarType quant_storage) -> "
+      "(Tensor, Tensor)");
+  m.def(
+      "dequantize_4bit(Tensor A, Tensor absmax, int blocksize, str quant_type, SymInt[] shape, "
+      "ScalarType dtype) -> Tensor");
+  m.def(
+      "dequantize_4bit.out(Tensor A, Tensor absmax, int blocksize, str quant_type, SymInt[] shape, "
+      "ScalarType dtype, Tensor(a!) out) -> ()");
   m.def("quantize_blockwise(Tensor A, Tensor code, int blocksize) -> (Tensor, Tensor)");
-  m.def("dequantize_blockwise(Tensor A, Tensor absmax, Tensor code, int blocksize, ScalarType dtype) -> Tensor");
-  m.def("gemv_4bit(Tensor A, Tensor B, SymInt[] shapeB, Tensor absmax, Tensor code, int blocksize) -> Tensor");
-  m.def("matmul_4bit(Tensor x, Tensor B, Tensor absmax, int blocksize, str quant_type, SymInt[] shapeB, Tensor? bias=None) -> Tensor");
+  m.def(
+      "dequantize_blockwise(Tensor A, Tensor absmax, Tensor code, int blocksize, ScalarType dtype) "
+      "-> Tensor");
+  m.def(
+      "gemv_4bit(Tensor A, Tensor B, SymInt[] shapeB, Tensor absmax, Tensor code, int blocksize) "
+      "-> Tensor");
+  m.def(
+      "matmul_4bit(Tensor x, Tensor B, Tensor absmax, int blocksize, str quant_type, SymInt[] "
+      "shapeB, Tensor? bias=None) -> Tensor");
 }

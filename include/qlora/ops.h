@@ -25,6 +25,12 @@ at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, i
                            std::string_view quant_type, at::IntArrayRef shape,
                            at::ScalarType dtype);
 
+// Writes dequant(packed) into `out` (contiguous, of `shape` and `dtype`), so
+// hot loops can reuse one buffer instead of allocating per call.
+void dequantize_4bit_out(at::Tensor& out, const at::Tensor& packed, const at::Tensor& absmax,
+                         int64_t blocksize, std::string_view quant_type, at::IntArrayRef shape,
+                         at::ScalarType dtype);
+
 // The same with symbolic sizes (for code that runs under torch.compile).
 at::Tensor dequantize_4bit_symint(const at::Tensor& packed, const at::Tensor& absmax,
                                   int64_t blocksize, std::string_view quant_type,

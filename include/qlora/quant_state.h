@@ -27,7 +27,7 @@ struct NestedQuantState {
 struct QuantState {
   at::Tensor absmax;  // float32 [n_blocks], or uint8 [n_blocks] when nested
   std::vector<int64_t> shape;
-  at::Tensor code;  // float32 [16]: the NF4 or FP4 table
+  at::Tensor code;                    // float32 [16]: the NF4 or FP4 table
   at::ScalarType dtype = at::kFloat;  // dtype of the original tensor
   int64_t blocksize = 64;
   std::string quant_type = "nf4";
@@ -43,7 +43,7 @@ struct QuantState {
   // prefix, prefix.absmax, prefix.quant_map, [prefix.nested_absmax,
   // prefix.nested_quant_map], prefix.quant_state.bitsandbytes__<type>.
   std::map<std::string, at::Tensor> to_state_dict(const std::string& prefix,
-                                                   const at::Tensor& packed) const;
+                                                  const at::Tensor& packed) const;
   // Inverse of to_state_dict; `tensors` may hold other keys too. Errors name
   // the missing or malformed key.
   static std::pair<at::Tensor, QuantState> from_state_dict(

@@ -45,8 +45,8 @@ TEST(Blockwise8, CodesAreTheExactNearestAndRoundTripIsTight) {
       const int64_t b = i / bs;
       const bool partial = (b + 1) * bs > x.numel();
       const float am = absmax[b].item<float>();
-      const float v = partial ? std::clamp(xp[i] / am, -1.f, 1.f)
-                              : std::clamp(xp[i] * (1.0f / am), -1.f, 1.f);
+      const float v =
+          partial ? std::clamp(xp[i] / am, -1.f, 1.f) : std::clamp(xp[i] * (1.0f / am), -1.f, 1.f);
       ASSERT_EQ(qp[i], nearest_code(v, code)) << "element " << i << " bs=" << bs;
     }
     const at::Tensor y = qlora::dequantize_blockwise(q, absmax, code, bs, at::kFloat);

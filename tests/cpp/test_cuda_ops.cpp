@@ -65,8 +65,8 @@ TEST_F(CudaOps, GemvAndMatmulMatchCpu) {
   for (auto dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
     for (int64_t rows : {1, 9}) {
       const at::Tensor x = torch::randn({rows, 4096}).to(dtype);
-      const at::Tensor yc = qlora::matmul_4bit(x, packed, absmax, 64, "nf4", {300, 4096},
-                                               bias.to(dtype));
+      const at::Tensor yc =
+          qlora::matmul_4bit(x, packed, absmax, 64, "nf4", {300, 4096}, bias.to(dtype));
       const at::Tensor xg = x.cuda().requires_grad_();
       const at::Tensor yg = qlora::matmul_4bit(xg, packed.cuda(), absmax.cuda(), 64, "nf4",
                                                {300, 4096}, bias.to(dtype).cuda());

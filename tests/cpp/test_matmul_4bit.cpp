@@ -101,15 +101,17 @@ TEST(Matmul4bit, Float64ForGradcheck) {
 TEST(Matmul4bit, QuantizersAreNotDifferentiable) {
   const at::Tensor x = torch::randn({64}, torch::requires_grad());
   auto [packed, absmax] = qlora::quantize_4bit(x, 64, "nf4");
-  const at::Tensor y = qlora::dequantize_4bit(packed, absmax.detach().requires_grad_(), 64, "nf4",
-                                              {64}, at::kFloat);
+  const at::Tensor y =
+      qlora::dequantize_4bit(packed, absmax.detach().requires_grad_(), 64, "nf4", {64}, at::kFloat);
   expect_error([&] { y.sum().backward(); }, "dequantize_4bit");
 }
 
 TEST(Matmul4bit, BadInput) {
   const Weight w = make_weight(16, 64);
   expect_error(
-      [&] { qlora::matmul_4bit(torch::randn({2, 63}), w.packed, w.absmax, 64, "nf4", w.shape); },
+      [&] {
+        qlora::matmul_4bit(torch::randn({2, 63}), w.packed, w.absmax, 64, "nf4", w.shape);
+      },
       "x's last dimension (63) must equal in_features shapeB[1] = 64");
   expect_error(
       [&] {
@@ -118,7 +120,9 @@ TEST(Matmul4bit, BadInput) {
       },
       "bias must have shape [16]");
   expect_error(
-      [&] { qlora::matmul_4bit(torch::randn({2, 64}), w.packed, w.absmax, 64, "nf4", {16, 32}); },
+      [&] {
+        qlora::matmul_4bit(torch::randn({2, 64}), w.packed, w.absmax, 64, "nf4", {16, 32});
+      },
       "B holds 512 bytes but shapeB [16, 32] needs 256");
 }
 

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <string>
 
+#include "../../csrc/cpu/fourbit_avx2.h"
 #include "qlora/ops.h"
 #include "qlora/quant_state.h"
 #include "test_utils.h"
@@ -125,7 +126,8 @@ TEST(Quantize4bit, QuantStorageReinterpretsTheBytes) {
     EXPECT_EQ(packed.size(1), 1);
     EXPECT_TRUE(at::equal(packed.view(at::kByte).flatten(), bytes.flatten()));
     const at::Tensor y = qlora::dequantize_4bit(packed, a, 64, "nf4", x.sizes(), at::kFloat);
-    EXPECT_TRUE(at::equal(y, qlora::dequantize_4bit(bytes, absmax, 64, "nf4", x.sizes(), at::kFloat)));
+    EXPECT_TRUE(
+        at::equal(y, qlora::dequantize_4bit(bytes, absmax, 64, "nf4", x.sizes(), at::kFloat)));
   }
   expect_error([] { qlora::quantize_4bit(torch::randn({6}), 64, "nf4", at::kFloat); },
                "cannot be viewed as quant_storage");
@@ -143,7 +145,8 @@ TEST(Quantize4bit, BadInputIsRejectedWithAClearMessage) {
   const at::Tensor x = torch::randn({128});
   expect_error([&] { qlora::quantize_4bit(x, 48, "nf4"); }, "blocksize must be one of 32, 64");
   expect_error([&] { qlora::quantize_4bit(x, 8192, "nf4"); }, "got 8192");
-  expect_error([&] { qlora::quantize_4bit(x, 64, "int4"); }, "quant_type must be \"nf4\" or \"fp4\"");
+  expect_error([&] { qlora::quantize_4bit(x, 64, "int4"); },
+               "quant_type must be \"nf4\" or \"fp4\"");
   expect_error([&] { qlora::quantize_4bit(x.to(at::kDouble), 64, "nf4"); },
                "A must be float32, float16 or bfloat16");
   at::Tensor bad = x.clone();
@@ -162,6 +165,44 @@ TEST(Quantize4bit, BadInputIsRejectedWithAClearMessage) {
       "absmax must be float32");
   expect_error([&] { qlora::dequantize_4bit(packed, absmax, 64, "nf4", {128}, at::kInt); },
                "dtype must be float32, float16 or bfloat16");
+}
+
+TEST(Quantize4bit, Avx2AndPortableLoopsAgreeBitForBit) {
+  if (!qlora::cpu::simd::avx2_enabled()) GTEST_SKIP() << "no AVX2 on this CPU";
+  torch::manual_seed(5);
+  for (auto dtype : {at::kFloat, at::kHalf, at::kBFloat16}) {
+    for (const char* type : {"nf4", "fp4"}) {
+      for (int64_t bs : {32, 64, 256, 4096}) {
+        const at::Tensor x = (torch::randn({3 * 4096 + 45}) * 3).to(dtype);
+        auto [p1, a1] = qlora::quantize_4bit(x, bs, type);
+        const at::Tensor y1 = qlora::dequantize_4bit(p1, a1, bs, type, x.sizes(), dtype);
+        qlora::cpu::simd::set_avx2_enabled(false);
+        auto [p2, a2] = qlora::quantize_4bit(x, bs, type);
+        const at::Tensor y2 = qlora::dequantize_4bit(p2, a2, bs, type, x.sizes(), dtype);
+        qlora::cpu::simd::set_avx2_enabled(true);
+        EXPECT_TRUE(at::equal(p1, p2)) << dtype << " " << type << " bs=" << bs;
+        EXPECT_TRUE(at::equal(a1, a2));
+        EXPECT_TRUE(at::equal(y1, y2)) << dtype << " " << type << " bs=" << bs;
+      }
+    }
+  }
+}
+
+TEST(Quantize4bit, OutVariantWritesIntoTheGivenBuffer) {
+  const at::Tensor x = torch::randn({5, 64});
+  auto [packed, absmax] = qlora::quantize_4bit(x, 64, "nf4");
+  at::Tensor out = torch::full({5, 64}, 7.0, at::kBFloat16);
+  const void* before = out.data_ptr();
+  qlora::dequantize_4bit_out(out, packed, absmax, 64, "nf4", {5, 64}, at::kBFloat16);
+  EXPECT_EQ(out.data_ptr(), before);
+  EXPECT_TRUE(
+      at::equal(out, qlora::dequantize_4bit(packed, absmax, 64, "nf4", {5, 64}, at::kBFloat16)));
+  at::Tensor wrong = torch::empty({64, 5}, at::kBFloat16);
+  expect_error(
+      [&] {
+        qlora::dequantize_4bit_out(wrong, packed, absmax, 64, "nf4", {5, 64}, at::kBFloat16);
+      },
+      "out must be a contiguous BFloat16 tensor of shape [5, 64]");
 }
 
 TEST(Quantize4bit, MetaKernelsGiveShapesWithoutData) {

@@ -24,33 +24,35 @@ def sample_calls():
     x = torch.randn(3, 200)
     for dtype in [torch.float32, torch.bfloat16, torch.float16]:
         xd = x.to(dtype)
-        yield qlora.quantize_4bit, (xd, 64, "nf4", torch.uint8)
-        yield qlora.quantize_4bit, (xd, 32, "fp4", torch.float32)
+        yield qlora.quantize_4bit.default, (xd, 64, "nf4", torch.uint8)
+        yield qlora.quantize_4bit.default, (xd, 32, "fp4", torch.float32)
         packed, absmax = qlora.quantize_4bit(xd, 64, "nf4", torch.uint8)
-        yield qlora.dequantize_4bit, (packed, absmax, 64, "nf4", [3, 200], dtype)
-        yield qlora.quantize_blockwise, (xd, code8, 256)
+        yield qlora.dequantize_4bit.default, (packed, absmax, 64, "nf4", [3, 200], dtype)
+        yield qlora.dequantize_4bit.out, (packed, absmax, 64, "nf4", [3, 200], dtype, torch.empty(3, 200, dtype=dtype))
+        yield qlora.quantize_blockwise.default, (xd, code8, 256)
         q, a = qlora.quantize_blockwise(xd, code8, 256)
-        yield qlora.dequantize_blockwise, (q, a, code8, 256, dtype)
+        yield qlora.dequantize_blockwise.default, (q, a, code8, 256, dtype)
         p, am, shape = weight()
         code4 = torch.tensor([-1.0] + [0.0] * 14 + [1.0])
-        yield qlora.gemv_4bit, (torch.randn(1, 128).to(dtype), p, shape, am, code4, 64)
+        yield qlora.gemv_4bit.default, (torch.randn(1, 128).to(dtype), p, shape, am, code4, 64)
         for rows in [(1, 128), (5, 128), (2, 3, 128)]:
             xr = torch.randn(*rows).to(dtype).requires_grad_()
             bias = torch.randn(48).to(dtype).requires_grad_()
-            yield qlora.matmul_4bit, (xr, p, am, 64, "nf4", shape, bias)
-            yield qlora.matmul_4bit, (xr, p, am, 64, "nf4", shape, None)
+            yield qlora.matmul_4bit.default, (xr, p, am, 64, "nf4", shape, bias)
+            yield qlora.matmul_4bit.default, (xr, p, am, 64, "nf4", shape, None)
 
 
-@pytest.mark.parametrize("call", list(sample_calls()), ids=lambda c: getattr(c, "__name__", "args"))
+@pytest.mark.parametrize("call", list(sample_calls()), ids=lambda c: str(c[0]))
 def test_opcheck(call):
     op, args = call
     opcheck(op, args)
 
 
 def test_opcheck_covers_every_op():
-    ops = {op.__name__.split(".")[0] for op, _ in sample_calls()}
-    assert ops == {"quantize_4bit", "dequantize_4bit", "quantize_blockwise", "dequantize_blockwise",
-                   "gemv_4bit", "matmul_4bit"}
+    ops = {str(op) for op, _ in sample_calls()}
+    assert ops == {f"qlora.{name}" for name in [
+        "quantize_4bit.default", "dequantize_4bit.default", "dequantize_4bit.out", "quantize_blockwise.default",
+        "dequantize_blockwise.default", "gemv_4bit.default", "matmul_4bit.default"]}
 
 
 class QLinear(torch.nn.Module):
