@@ -1,5 +1,7 @@
 #include "qlora/io/gguf.h"
 
+#include "name_hints.h"
+
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 
@@ -144,43 +146,6 @@ std::string dequantizable_type_names() {
     if (ggml_can_dequantize(t.type)) out += (out.empty() ? "" : ", ") + std::string(t.name);
   }
   return out;
-}
-
-size_t edit_distance(const std::string& a, const std::string& b) {
-  std::vector<size_t> row(b.size() + 1);
-  std::iota(row.begin(), row.end(), size_t{0});
-  for (size_t i = 1; i <= a.size(); ++i) {
-    size_t diagonal = row[0];
-    row[0] = i;
-    for (size_t j = 1; j <= b.size(); ++j) {
-      const size_t substitute = diagonal + (a[i - 1] == b[j - 1] ? 0 : 1);
-      diagonal = row[j];
-      row[j] = std::min({row[j] + 1, row[j - 1] + 1, substitute});
-    }
-  }
-  return row[b.size()];
-}
-
-// "; did you mean ...?" for up to three names within a few typos of `name`
-// (tensor and key names differ mostly by a digit or a suffix).
-template <typename Names>
-std::string close_names_hint(const std::string& name, const Names& names) {
-  const size_t max_distance = std::max<size_t>(2, name.size() / 5);
-  std::vector<std::pair<size_t, std::string>> hits;
-  for (const std::string& candidate : names) {
-    const size_t gap = candidate.size() > name.size() ? candidate.size() - name.size()
-                                                      : name.size() - candidate.size();
-    if (gap > max_distance) continue;
-    const size_t d = edit_distance(name, candidate);
-    if (d <= max_distance) hits.emplace_back(d, candidate);
-  }
-  if (hits.empty()) return "";
-  std::sort(hits.begin(), hits.end());
-  std::string out = "; did you mean ";
-  for (size_t i = 0; i < std::min<size_t>(3, hits.size()); ++i) {
-    out += (i > 0 ? " or " : "") + quote(hits[i].second);
-  }
-  return out + "?";
 }
 
 // Reads the file front to back. Every read checks the bytes left first;

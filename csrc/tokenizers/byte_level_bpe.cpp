@@ -206,7 +206,12 @@ const std::string& number_items() {
   return items;
 }
 const std::string& word_items() {
-  static const std::string items = letter_items() + "\\p{M}" + number_items() + "\\p{Pc}";
+  static const std::string items =
+      "\\p{L}\\p{M}\\p{Nd}\\p{Pc}" + class_ranges(unicode_data::kExtraWord);
+  return items;
+}
+const std::string& digit_items() {
+  static const std::string items = "\\p{Nd}" + class_ranges(unicode_data::kExtraDigits);
   return items;
 }
 
@@ -239,8 +244,9 @@ std::string translate_escape(std::string_view esc, bool in_class) {
   // Oniguruma knows Unicode 16, PCRE2 10.42 Unicode 14: add the letters and digits since.
   if (esc == "\\p{L}" || (esc == "\\P{L}" && !in_class)) return set(letter_items(), esc[1] == 'P');
   if (esc == "\\p{N}" || (esc == "\\P{N}" && !in_class)) return set(number_items(), esc[1] == 'P');
-  // Oniguruma's \w is L, M, N and Pc; PCRE2's lacks marks and connectors.
+  // Oniguruma's \w also has marks, connectors and some symbols and numbers.
   if (esc == "\\w" || (esc == "\\W" && !in_class)) return set(word_items(), esc[1] == 'W');
+  if (esc == "\\d" || (esc == "\\D" && !in_class)) return set(digit_items(), esc[1] == 'D');
   // \h is a hexadecimal digit in Oniguruma, horizontal space in PCRE2.
   if (esc == "\\h" || (esc == "\\H" && !in_class)) return set("0-9a-fA-F", esc[1] == 'H');
   if (esc.size() == 6 && esc[1] == 'u') return "\\x{" + std::string(esc.substr(2)) + "}";

@@ -1,8 +1,10 @@
 // Unicode tables for the tokenizers, generated from Python's unicodedata (Unicode 14.0) and
 // checked code point by code point against HF tokenizers 0.23.3; do not edit by hand.
 //
-// - kExtraLetters / kExtraNumbers: code points that Oniguruma (the regex engine of HF
-//   tokenizers, Unicode 16) puts in \p{L} / \p{N} but PCRE2 10.42 (Unicode 14) does not.
+// - kExtraLetters / kExtraNumbers / kExtraWord / kExtraDigits: code points that Oniguruma
+//   (the regex engine of HF tokenizers, Unicode 16) puts in \p{L} / \p{N} / \w / \d beyond
+//   PCRE2 10.42's (Unicode 14) \p{L} / \p{N} / [\p{L}\p{M}\p{Nd}\p{Pc}] / \p{Nd}, which
+//   are subsets of them.
 // - The NFC tables reproduce tokenizers' normalizer, whose tables are older than Unicode 14:
 //   marks it does not know have combining class 0 here, and compositions it does not perform
 //   (U+11935 U+11930) are absent.
@@ -47,6 +49,30 @@ inline constexpr Range kExtraNumbers[] = {
     {0x10D40, 0x10D49}, {0x116D0, 0x116E3}, {0x11BF0, 0x11BF9}, {0x11F50, 0x11F59},
     {0x16130, 0x16139}, {0x16D70, 0x16D79}, {0x1CCF0, 0x1CCF9}, {0x1D2C0, 0x1D2D3},
     {0x1E4F0, 0x1E4F9}, {0x1E5F1, 0x1E5FA},
+};
+inline constexpr Range kExtraWord[] = {
+    {0xB2, 0xB3}, {0xB9, 0xB9}, {0xBC, 0xBE}, {0x897, 0x897},
+    {0xCF3, 0xCF3}, {0xECE, 0xECE}, {0x16EE, 0x16F0}, {0x1C89, 0x1C8A},
+    {0x2160, 0x2182}, {0x2185, 0x2188}, {0x24B6, 0x24E9}, {0x3007, 0x3007},
+    {0x3021, 0x3029}, {0x3038, 0x303A}, {0xA6E6, 0xA6EF}, {0xA7CB, 0xA7CD},
+    {0xA7DA, 0xA7DC}, {0x10140, 0x10174}, {0x10341, 0x10341}, {0x1034A, 0x1034A},
+    {0x103D1, 0x103D5}, {0x105C0, 0x105F3}, {0x10D40, 0x10D65}, {0x10D69, 0x10D6D},
+    {0x10D6F, 0x10D85}, {0x10EC2, 0x10EC4}, {0x10EFC, 0x10EFF}, {0x1123F, 0x11241},
+    {0x11380, 0x11389}, {0x1138B, 0x1138B}, {0x1138E, 0x1138E}, {0x11390, 0x113B5},
+    {0x113B7, 0x113C0}, {0x113C2, 0x113C2}, {0x113C5, 0x113C5}, {0x113C7, 0x113CA},
+    {0x113CC, 0x113D3}, {0x113E1, 0x113E2}, {0x116D0, 0x116E3}, {0x11BC0, 0x11BE0},
+    {0x11BF0, 0x11BF9}, {0x11F00, 0x11F10}, {0x11F12, 0x11F3A}, {0x11F3E, 0x11F42},
+    {0x11F50, 0x11F5A}, {0x12400, 0x1246E}, {0x1342F, 0x1342F}, {0x13440, 0x13455},
+    {0x13460, 0x143FA}, {0x16100, 0x16139}, {0x16D40, 0x16D6C}, {0x16D70, 0x16D79},
+    {0x18CFF, 0x18CFF}, {0x1B132, 0x1B132}, {0x1B155, 0x1B155}, {0x1CCF0, 0x1CCF9},
+    {0x1DF25, 0x1DF2A}, {0x1E030, 0x1E06D}, {0x1E08F, 0x1E08F}, {0x1E4D0, 0x1E4F9},
+    {0x1E5D0, 0x1E5FA}, {0x1F130, 0x1F149}, {0x1F150, 0x1F169}, {0x1F170, 0x1F189},
+    {0x2B739, 0x2B739}, {0x2EBF0, 0x2EE5D}, {0x31350, 0x323AF},
+};
+inline constexpr Range kExtraDigits[] = {
+    {0x10D40, 0x10D49}, {0x116D0, 0x116E3}, {0x11BF0, 0x11BF9}, {0x11F50, 0x11F59},
+    {0x16130, 0x16139}, {0x16D70, 0x16D79}, {0x1CCF0, 0x1CCF9}, {0x1E4F0, 0x1E4F9},
+    {0x1E5F1, 0x1E5FA},
 };
 
 inline constexpr CombiningClass kCombiningClasses[] = {
@@ -1425,8 +1451,9 @@ inline constexpr Composition kCompositions[] = {
 //     return out
 //
 //
-// def onig_class(cls, pcre_known):
-//     """Code points Oniguruma puts in `cls` beyond those PCRE2 knows (`pcre_known`: a predicate)."""
+// def onig_class(cls, pcre_base):
+//     """Code points Oniguruma puts in `cls` beyond the PCRE2 class `pcre_base` (a predicate on
+//     the general category), which must be a subset of it."""
 //     removed = pre_tokenizers.Split(Regex(cls), "removed")
 //     extra = []
 //     for i in range(0, len(ALL), 4096):
@@ -1434,14 +1461,16 @@ inline constexpr Composition kCompositions[] = {
 //         kept = set()
 //         for _, (a, b) in removed.pre_tokenize_str("".join(map(chr, chunk))):
 //             kept.update(range(a, b))
-//         extra += [c for j, c in enumerate(chunk) if j not in kept and not pcre_known(c)]
+//         for j, c in enumerate(chunk):
+//             in_base = pcre_base(unicodedata.category(chr(c)))
+//             assert not (in_base and j in kept), f"{cls}: U+{c:04X} in the PCRE2 base, not in Oniguruma"
+//             if j not in kept and not in_base:
+//                 extra.append(c)
 //     return ranges(extra)
 //
 //
-// def pcre_category(prefix):
-//     # PCRE2 10.42 knows Unicode 14.0, the version of this Python's unicodedata.
-//     assert unicodedata.unidata_version == "14.0.0"
-//     return lambda c: unicodedata.category(chr(c)).startswith(prefix)
+// # PCRE2 10.42 knows Unicode 14.0, the version of this Python's unicodedata.
+// assert unicodedata.unidata_version == "14.0.0"
 //
 //
 // def combining_classes():
@@ -1496,8 +1525,10 @@ inline constexpr Composition kCompositions[] = {
 //
 //
 // def main(path):
-//     letters = onig_class(r"\p{L}", pcre_category("L"))
-//     numbers = onig_class(r"\p{N}", pcre_category("N"))
+//     letters = onig_class(r"\p{L}", lambda cat: cat[0] == "L")
+//     numbers = onig_class(r"\p{N}", lambda cat: cat[0] == "N")
+//     word = onig_class(r"\w", lambda cat: cat[0] in "LM" or cat in ("Nd", "Pc"))
+//     digits = onig_class(r"\d", lambda cat: cat == "Nd")
 //     ccc = combining_classes()
 //     dec = decompositions()
 //     comp = compositions()
@@ -1509,7 +1540,9 @@ inline constexpr Composition kCompositions[] = {
 //     with open(path, "w") as f:
 //         f.write(HEADER)
 //         f.write("inline constexpr Range kExtraLetters[] = {\n%s\n};\n" % rows(letters, 4, rng))
-//         f.write("inline constexpr Range kExtraNumbers[] = {\n%s\n};\n\n" % rows(numbers, 4, rng))
+//         f.write("inline constexpr Range kExtraNumbers[] = {\n%s\n};\n" % rows(numbers, 4, rng))
+//         f.write("inline constexpr Range kExtraWord[] = {\n%s\n};\n" % rows(word, 4, rng))
+//         f.write("inline constexpr Range kExtraDigits[] = {\n%s\n};\n\n" % rows(digits, 4, rng))
 //         f.write("inline constexpr CombiningClass kCombiningClasses[] = {\n%s\n};\n\n"
 //                 % rows(ccc, 4, lambda r: "{0x%X, 0x%X, %d}," % tuple(r)))
 //         f.write("inline constexpr Decomposition kDecompositions[] = {\n%s\n};\n"
@@ -1526,8 +1559,10 @@ inline constexpr Composition kCompositions[] = {
 // HEADER = """// Unicode tables for the tokenizers, generated from Python's unicodedata (Unicode 14.0) and
 // // checked code point by code point against HF tokenizers 0.23.3; do not edit by hand.
 // //
-// // - kExtraLetters / kExtraNumbers: code points that Oniguruma (the regex engine of HF
-// //   tokenizers, Unicode 16) puts in \\p{L} / \\p{N} but PCRE2 10.42 (Unicode 14) does not.
+// // - kExtraLetters / kExtraNumbers / kExtraWord / kExtraDigits: code points that Oniguruma
+// //   (the regex engine of HF tokenizers, Unicode 16) puts in \\p{L} / \\p{N} / \\w / \\d beyond
+// //   PCRE2 10.42's (Unicode 14) \\p{L} / \\p{N} / [\\p{L}\\p{M}\\p{Nd}\\p{Pc}] / \\p{Nd}, which
+// //   are subsets of them.
 // // - The NFC tables reproduce tokenizers' normalizer, whose tables are older than Unicode 14:
 // //   marks it does not know have combining class 0 here, and compositions it does not perform
 // //   (U+11935 U+11930) are absent.
