@@ -134,8 +134,8 @@ std::string utf8_lossy(std::string_view bytes) {
 
 bool is_white_space(char32_t c) {
   return (c >= 0x09 && c <= 0x0D) || c == 0x20 || c == 0x85 || c == 0xA0 || c == 0x1680 ||
-         (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F ||
-         c == 0x205F || c == 0x3000;
+         (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F ||
+         c == 0x3000;
 }
 
 }  // namespace detail
@@ -225,7 +225,8 @@ std::string_view escape_at(std::string_view p, size_t i) {
     if (close != std::string_view::npos) return p.substr(i, close - i + 1);
   }
   if (c == 'u' && i + 6 <= p.size() &&
-      std::all_of(p.begin() + i + 2, p.begin() + i + 6, [](char h) { return std::isxdigit(static_cast<unsigned char>(h)) != 0; })) {
+      std::all_of(p.begin() + i + 2, p.begin() + i + 6,
+                  [](char h) { return std::isxdigit(static_cast<unsigned char>(h)) != 0; })) {
     return p.substr(i, 6);
   }
   // An escaped multi-byte character stays whole.
@@ -329,8 +330,8 @@ class Regex {
     if (code == nullptr) {
       std::array<PCRE2_UCHAR, 256> message{};
       pcre2_get_error_message(error, message.data(), message.size());
-      throw TokenizerError("invalid regex \"" + std::string(onig_pattern) + "\": " +
-                           reinterpret_cast<const char*>(message.data()) + " at offset " +
+      throw TokenizerError("invalid regex \"" + std::string(onig_pattern) +
+                           "\": " + reinterpret_cast<const char*>(message.data()) + " at offset " +
                            std::to_string(offset));
     }
     code_.reset(code, pcre2_code_free);
@@ -373,8 +374,8 @@ class Regex {
     int rc = pcre2_match(code_.get(), subject, text.size(), start, PCRE2_NO_UTF_CHECK, s.data,
                          s.context);
     if (rc == PCRE2_ERROR_JIT_STACKLIMIT && jit_) {
-      rc = pcre2_match(code_.get(), subject, text.size(), start,
-                       PCRE2_NO_UTF_CHECK | PCRE2_NO_JIT, s.data, s.context);
+      rc = pcre2_match(code_.get(), subject, text.size(), start, PCRE2_NO_UTF_CHECK | PCRE2_NO_JIT,
+                       s.data, s.context);
     }
     if (rc == PCRE2_ERROR_NOMATCH) return false;
     if (rc < 0) {  // rc == 0 only says the ovector is short; the whole match is in it
@@ -394,8 +395,7 @@ class Regex {
 
 // Rust regex's \w, which decides AddedToken::single_word boundaries.
 bool is_rust_word_char(char32_t cp) {
-  static const Regex word(
-      "\\A[\\p{Alphabetic}\\p{M}\\p{Nd}\\p{Pc}\\x{200C}\\x{200D}]\\z");
+  static const Regex word("\\A[\\p{Alphabetic}\\p{M}\\p{Nd}\\p{Pc}\\x{200C}\\x{200D}]\\z");
   std::string s;
   utf8_append(s, cp);
   return word.matches_whole(s);
@@ -452,6 +452,7 @@ struct AddedVocabulary::Trie {
 
   // The first position >= from where a token starts, with the longest token there.
   bool find(std::string_view s, size_t from, size_t* start, size_t* stop, int32_t* token) const {
+    *token = -1;
     for (size_t i = from; i < s.size(); ++i) {
       if (!first_byte[static_cast<unsigned char>(s[i])]) continue;
       int32_t node = 0;
@@ -585,13 +586,13 @@ std::vector<AddedVocabulary::Match> AddedVocabulary::find_matches(std::string_vi
     // The search resumes after the raw match, whatever stripping or rejection follows.
     search_from = stop;
     const AddedToken& token = tokens_[index];
-    index = -1;
     if (token.single_word) {
       const bool start_space = start == 0 || !ends_with_word(sentence.substr(0, start));
       const bool stop_space = stop == sentence.size() || !starts_with_word(sentence.substr(stop));
       if (!start_space || !stop_space) continue;
     }
-    if (token.lstrip) start = std::max(trailing_space_start(sentence.substr(0, start)), start_offset);
+    if (token.lstrip)
+      start = std::max(trailing_space_start(sentence.substr(0, start)), start_offset);
     if (token.rstrip) stop += leading_space_length(sentence.substr(stop));
     if (start_offset < start) splits.push_back({start_offset, start, -1});
     splits.push_back({start, stop, token.id});
@@ -610,7 +611,8 @@ std::vector<Segment> AddedVocabulary::split(std::string_view text,
       if (m.id >= 0) {
         out.push_back({m.id, {}, false});
       } else if (m.stop > m.start) {
-        out.push_back({-1, normalized.substr(m.start, m.stop - m.start), at_origin && m.start == 0});
+        out.push_back(
+            {-1, normalized.substr(m.start, m.stop - m.start), at_origin && m.start == 0});
       }
     }
   };
@@ -665,8 +667,8 @@ std::optional<char32_t> compose_pair(char32_t a, char32_t b) {
   if (a >= kHangulL && a < kHangulL + 19 && b >= kHangulV && b < kHangulV + kHangulVCount) {
     return kHangulBase + ((a - kHangulL) * kHangulVCount + (b - kHangulV)) * kHangulTCount;
   }
-  if (a >= kHangulBase && a < kHangulBase + kHangulCount && (a - kHangulBase) % kHangulTCount == 0 &&
-      b > kHangulT && b < kHangulT + kHangulTCount) {
+  if (a >= kHangulBase && a < kHangulBase + kHangulCount &&
+      (a - kHangulBase) % kHangulTCount == 0 && b > kHangulT && b < kHangulT + kHangulTCount) {
     return a + (b - kHangulT);
   }
   const auto& table = unicode_data::kCompositions;
@@ -729,20 +731,23 @@ std::string to_utf8(const std::u32string& cps) {
   return out;
 }
 
-// Text below U+0300 is unchanged by NFC and NFD alike, except precomposed Latin-1 letters
-// under NFD.
-bool below_combining_marks(std::string_view s) {
-  return std::all_of(s.begin(), s.end(), [](char c) { return static_cast<unsigned char>(c) < 0xCC; });
+bool all_bytes_below(std::string_view s, unsigned char limit) {
+  return std::all_of(s.begin(), s.end(),
+                     [limit](char c) { return static_cast<unsigned char>(c) < limit; });
 }
 
 std::string nfc(std::string_view s) {
-  if (below_combining_marks(s)) return std::string(s);
+  // Below U+0300 (lead bytes below 0xCC) text is always in NFC: the common case costs a scan.
+  if (all_bytes_below(s, 0xCC)) return std::string(s);
   std::u32string cps = canonical_decomposition(s);
   compose(cps);
   return to_utf8(cps);
 }
 
-std::string nfd(std::string_view s) { return to_utf8(canonical_decomposition(s)); }
+std::string nfd(std::string_view s) {
+  if (all_bytes_below(s, 0x80)) return std::string(s);
+  return to_utf8(canonical_decomposition(s));
+}
 
 // ---------------------------------------------------------------------------------------------
 // Byte-level alphabet (GPT-2's bytes_to_unicode)
@@ -797,7 +802,6 @@ class JsonNode {
       : value_(&value), file_(std::move(file)), path_(std::move(path)) {}
 
   const json& value() const { return *value_; }
-  const std::string& path() const { return path_; }
 
   [[noreturn]] void fail(const std::string& message) const {
     throw TokenizerError(*file_ + ": " + (path_.empty() ? "" : path_ + ": ") + message);
@@ -812,7 +816,7 @@ class JsonNode {
 
   JsonNode at(const char* key) const {
     std::optional<JsonNode> node = find(key);
-    if (!node) child(json(), key).fail("missing");
+    if (!node) throw TokenizerError(*file_ + ": " + child_path(key) + ": missing");
     return *node;
   }
 
@@ -859,8 +863,9 @@ class JsonNode {
   std::string type() const { return at("type").str(); }
 
  private:
+  std::string child_path(const char* key) const { return path_.empty() ? key : path_ + "." + key; }
   JsonNode child(const json& value, const char* key) const {
-    return JsonNode(value, file_, path_.empty() ? key : path_ + "." + key);
+    return JsonNode(value, file_, child_path(key));
   }
 
   const json* value_;
@@ -976,10 +981,8 @@ void parse_normalizer(const JsonNode& node, TextNormalizer& out) {
       return s.empty() ? std::string() : prepend + std::string(s);
     });
   } else if (type == "Replace") {
-    out.add([pattern = parse_pattern(node.at("pattern")),
-             content = node.at("content").str()](std::string_view s) {
-      return pattern.replace_all(s, content);
-    });
+    out.add([pattern = parse_pattern(node.at("pattern")), content = node.at("content").str()](
+                std::string_view s) { return pattern.replace_all(s, content); });
   } else {
     node.at("type").fail("normalizer \"" + type +
                          "\" is not supported (NFC, NFD, Prepend, Replace, Sequence)");
@@ -1115,9 +1118,9 @@ PrependScheme parse_prepend_scheme(const JsonNode& node) {
 PreTokenizer::Step metaspace_step(std::string replacement, PrependScheme scheme, bool split) {
   return [replacement, scheme, split](const Piece& p, std::vector<Piece>& out) {
     Piece piece{replace_all(p.text, " ", replacement), p.at_origin};
-    const bool prepend = !starts_with(piece.text, replacement) &&
-                         (scheme == PrependScheme::kAlways ||
-                          (scheme == PrependScheme::kFirst && piece.at_origin));
+    const bool prepend =
+        !starts_with(piece.text, replacement) &&
+        (scheme == PrependScheme::kAlways || (scheme == PrependScheme::kFirst && piece.at_origin));
     if (prepend) piece.text.insert(0, replacement);
     if (split) {
       split_piece(piece, Pattern::literal(replacement).find_all(piece.text),
@@ -1153,8 +1156,8 @@ void parse_pre_tokenizer(const JsonNode& node, PreTokenizer& out) {
     out.add(split_step(parse_pattern(node.at("pattern")), parse_behavior(node.at("behavior")),
                        node.bool_or("invert", false)));
   } else if (type == "ByteLevel") {
-    out.add(byte_level_step(node.bool_or("add_prefix_space", true),
-                            node.bool_or("use_regex", true)));
+    out.add(
+        byte_level_step(node.bool_or("add_prefix_space", true), node.bool_or("use_regex", true)));
   } else if (type == "Digits") {
     // char::is_numeric is \p{N}; each digit is a match of its own.
     out.add(split_step(Pattern::regex("\\p{N}"),
@@ -1236,6 +1239,7 @@ class BpeModel {
   }
 
   size_t id_count() const { return id_to_token_.size(); }
+  size_t vocab_entries() const { return vocab_.size(); }
   std::optional<int32_t> unk_id() const { return unk_id_; }
 
  private:
@@ -1648,6 +1652,10 @@ class HfTokenizer final : public Tokenizer {
       normalize_ = [this](std::string_view s) { return parts_.normalizer(s); };
     }
     added_.build(std::move(parts_.added_tokens), normalize_);
+    vocab_size_ = parts_.model.id_count();
+    for (const AddedToken& t : added_.tokens()) {
+      vocab_size_ = std::max(vocab_size_, static_cast<size_t>(t.id) + 1);
+    }
   }
 
   std::vector<int32_t> encode(std::string_view text, bool add_special_tokens) const override {
@@ -1660,11 +1668,13 @@ class HfTokenizer final : public Tokenizer {
         ids.push_back(segment.id);
         continue;
       }
-      for (const Piece& piece : parts_.pre_tokenizer.run({std::move(segment.text), segment.at_origin})) {
+      for (const Piece& piece :
+           parts_.pre_tokenizer.run({std::move(segment.text), segment.at_origin})) {
         parts_.model.tokenize(piece.text, ids);
       }
     }
-    if (add_special_tokens) ids.insert(ids.end(), parts_.post.suffix.begin(), parts_.post.suffix.end());
+    if (add_special_tokens)
+      ids.insert(ids.end(), parts_.post.suffix.begin(), parts_.post.suffix.end());
     return ids;
   }
 
@@ -1679,11 +1689,7 @@ class HfTokenizer final : public Tokenizer {
     return parts_.decoder(std::move(tokens));
   }
 
-  size_t vocab_size() const override {
-    size_t n = parts_.model.id_count();
-    for (const AddedToken& t : added_.tokens()) n = std::max(n, static_cast<size_t>(t.id) + 1);
-    return n;
-  }
+  size_t vocab_size() const override { return vocab_size_; }
 
   std::optional<int32_t> token_to_id(std::string_view token) const override {
     if (const auto id = added_.token_to_id(token)) return id;
@@ -1717,6 +1723,7 @@ class HfTokenizer final : public Tokenizer {
   HfParts parts_;
   detail::Normalizer normalize_;
   AddedVocabulary added_;
+  size_t vocab_size_ = 0;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -1764,7 +1771,8 @@ BpeModel parse_bpe_model(const JsonNode& node) {
   }
   BpeOptions options;
   options.unk_token = optional_string(node, "unk_token");
-  options.continuing_subword_prefix = optional_string(node, "continuing_subword_prefix").value_or("");
+  options.continuing_subword_prefix =
+      optional_string(node, "continuing_subword_prefix").value_or("");
   options.end_of_word_suffix = optional_string(node, "end_of_word_suffix").value_or("");
   options.fuse_unk = node.bool_or("fuse_unk", false);
   options.byte_fallback = node.bool_or("byte_fallback", false);
@@ -1781,8 +1789,35 @@ BpeModel parse_bpe_model(const JsonNode& node) {
   return BpeModel(std::move(vocab), merges, std::move(options), error);
 }
 
+// The id tokenizers gives an added token, whatever the file's "id" says (it only warns when
+// they differ): the id the content already has, else the next id after the vocabulary.
+class AddedIdAssigner {
+ public:
+  explicit AddedIdAssigner(const BpeModel& model) : model_(model) {}
+
+  int32_t assign(const std::string& content) {
+    if (const auto it = assigned_.find(content); it != assigned_.end()) return it->second;
+    std::optional<int32_t> id = model_.token_to_id(content);
+    if (!id) {
+      const auto size = static_cast<int64_t>(model_.vocab_entries());
+      id = static_cast<int32_t>(max_id_ < 0                      ? size
+                                : (max_id_ >= size || size == 0) ? max_id_ + 1
+                                                                 : size);
+    }
+    assigned_[content] = *id;
+    max_id_ = std::max<int64_t>(max_id_, *id);
+    return *id;
+  }
+
+ private:
+  const BpeModel& model_;
+  std::unordered_map<std::string, int32_t> assigned_;
+  int64_t max_id_ = -1;
+};
+
 std::vector<AddedToken> parse_added_tokens(const JsonNode& list, const BpeModel& model) {
   std::vector<AddedToken> out;
+  AddedIdAssigner ids(model);
   for (size_t i = 0; i < list.size(); ++i) {
     const JsonNode node = list[i];
     AddedToken t;
@@ -1792,8 +1827,8 @@ std::vector<AddedToken> parse_added_tokens(const JsonNode& list, const BpeModel&
     t.lstrip = node.bool_or("lstrip", false);
     t.rstrip = node.bool_or("rstrip", false);
     t.normalized = node.bool_or("normalized", !t.special);
-    // Like tokenizers, a content the model knows keeps the model's id.
-    t.id = model.token_to_id(t.content).value_or(node.at("id").id());
+    node.at("id").id();  // required, though tokenizers derives the id itself
+    t.id = ids.assign(t.content);
     out.push_back(std::move(t));
   }
   return out;
@@ -1851,8 +1886,8 @@ void apply_config(const JsonNode& root, const std::optional<TokenizerConfig>& co
 
 void check_id(const std::optional<int32_t>& id, size_t n, const char* key) {
   if (id && (*id < 0 || static_cast<size_t>(*id) >= n)) {
-    vocab_error(key, "id " + std::to_string(*id) + " is not below the " + std::to_string(n) +
-                         " tokens");
+    vocab_error(key,
+                "id " + std::to_string(*id) + " is not below the " + std::to_string(n) + " tokens");
   }
 }
 
@@ -1862,12 +1897,14 @@ void configure_pre(const std::string& pre, HfParts& parts, BpeOptions& options) 
     return std::any_of(names.begin(), names.end(), [&pre](const char* n) { return pre == n; });
   };
   if (in({"llama3", "llama-v3", "llama-bpe", "falcon3"})) {
-    parts.pre_tokenizer.add(split_step(Pattern::regex(kLlama3Pattern), SplitBehavior::kIsolated, false));
+    parts.pre_tokenizer.add(
+        split_step(Pattern::regex(kLlama3Pattern), SplitBehavior::kIsolated, false));
     parts.pre_tokenizer.add(byte_level_step(false, false));
     options.ignore_merges = true;
   } else if (in({"qwen2"})) {
     parts.normalizer.add(nfc);
-    parts.pre_tokenizer.add(split_step(Pattern::regex(kQwen2Pattern), SplitBehavior::kIsolated, false));
+    parts.pre_tokenizer.add(
+        split_step(Pattern::regex(kQwen2Pattern), SplitBehavior::kIsolated, false));
     parts.pre_tokenizer.add(byte_level_step(false, false));
   } else if (in({"smollm", "starcoder", "refact"})) {
     parts.pre_tokenizer.add(split_step(Pattern::regex("\\p{N}"), SplitBehavior::kIsolated, false));
@@ -1972,7 +2009,8 @@ std::unique_ptr<Tokenizer> load_tokenizer_json(const std::string& path) {
   if (const auto n = root.find("normalizer")) parse_normalizer(*n, parts.normalizer);
   if (const auto p = root.find("pre_tokenizer")) parse_pre_tokenizer(*p, parts.pre_tokenizer);
   parts.model = parse_bpe_model(root.at("model"));
-  if (const auto a = root.find("added_tokens")) parts.added_tokens = parse_added_tokens(*a, parts.model);
+  if (const auto a = root.find("added_tokens"))
+    parts.added_tokens = parse_added_tokens(*a, parts.model);
   if (const auto p = root.find("post_processor")) parse_post_processor(*p, parts.post);
   if (const auto d = root.find("decoder")) parse_decoder(*d, parts.decoder);
   apply_config(root, detail::read_tokenizer_config(path), parts);

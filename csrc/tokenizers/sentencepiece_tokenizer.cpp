@@ -387,8 +387,7 @@ class SentencePieceModelTokenizer final : public SpmTokenizerBase {
 
 class SpmBpe {
  public:
-  SpmBpe(const SpmVocab& vocab, const std::vector<float>& scores,
-         std::optional<int32_t> unk_id)
+  SpmBpe(const SpmVocab& vocab, const std::vector<float>& scores, std::optional<int32_t> unk_id)
       : vocab_(vocab), scores_(scores), unk_id_(unk_id) {
     bool any_byte = false;
     byte_ids_.fill(-1);
@@ -438,9 +437,12 @@ class SpmBpe {
     const std::string& text;
     std::vector<Symbol> symbols;
     std::priority_queue<Pair, std::vector<Pair>, PairAfter> agenda;
-    std::unordered_map<std::string_view, std::pair<int32_t, int32_t>> rev_merge;
+    // merged piece -> the two pieces it was made of (symbols change as they merge)
+    std::unordered_map<std::string_view, std::pair<std::string_view, std::string_view>> rev_merge;
 
-    std::string_view piece(const Symbol& s) const { return std::string_view(text).substr(s.start, s.len); }
+    std::string_view piece(const Symbol& s) const {
+      return std::string_view(text).substr(s.start, s.len);
+    }
 
     void run(std::vector<int32_t>& out) {
       split_characters();
@@ -478,12 +480,15 @@ class SpmBpe {
     void add_pair(int32_t left, int32_t right) {
       if (left < 0 || right < 0) return;
       const Symbol& l = symbols[left];
-      const std::string_view merged = std::string_view(text).substr(l.start, l.len + symbols[right].len);
+      const std::string_view merged =
+          std::string_view(text).substr(l.start, l.len + symbols[right].len);
       const auto id = bpe->mergeable(merged);
       if (!id) return;
       agenda.push({bpe->scores_[*id], left, right, merged.size()});
       // Unused pieces may be formed on the way but are split back afterwards.
-      if (bpe->vocab_.types[*id] == PieceType::kUnused) rev_merge[merged] = {left, right};
+      if (bpe->vocab_.types[*id] == PieceType::kUnused) {
+        rev_merge[merged] = {piece(l), piece(symbols[right])};
+      }
     }
 
     void resegment(std::string_view w, std::vector<int32_t>& out) const {
@@ -491,8 +496,8 @@ class SpmBpe {
       if (id && bpe->vocab_.types[*id] == PieceType::kUnused) {
         const auto it = rev_merge.find(w);
         if (it != rev_merge.end()) {
-          resegment(piece(symbols[it->second.first]), out);
-          resegment(piece(symbols[it->second.second]), out);
+          resegment(it->second.first, out);
+          resegment(it->second.second, out);
           return;
         }
       }
@@ -550,8 +555,8 @@ class SpmVocabTokenizer final : public SpmTokenizerBase {
 
 std::optional<int32_t> checked_id(const std::optional<int32_t>& id, size_t n, const char* key) {
   if (id && (*id < 0 || static_cast<size_t>(*id) >= n)) {
-    vocab_error(key, "id " + std::to_string(*id) + " is not below the " + std::to_string(n) +
-                         " tokens");
+    vocab_error(key,
+                "id " + std::to_string(*id) + " is not below the " + std::to_string(n) + " tokens");
   }
   return id;
 }
@@ -561,7 +566,8 @@ std::optional<int32_t> checked_id(const std::optional<int32_t>& id, size_t n, co
 std::unique_ptr<Tokenizer> load_sentencepiece(const std::string& model_path) {
   const std::string data = read_file(model_path);
   auto processor = std::make_unique<sentencepiece::SentencePieceProcessor>();
-  const auto status = processor->LoadFromSerializedProto(absl::string_view(data.data(), data.size()));
+  const auto status =
+      processor->LoadFromSerializedProto(absl::string_view(data.data(), data.size()));
   if (!status.ok()) {
     throw TokenizerError(model_path + ": not a SentencePiece model: " + status.ToString());
   }
@@ -592,8 +598,8 @@ std::unique_ptr<Tokenizer> sentencepiece_from_vocab(const VocabSpec& spec) {
   const size_t n = spec.tokens.size();
   if (n == 0) vocab_error("tokenizer.ggml.tokens", "empty");
   if (spec.scores.size() != n) {
-    vocab_error("tokenizer.ggml.scores",
-                std::to_string(spec.scores.size()) + " scores for " + std::to_string(n) + " tokens");
+    vocab_error("tokenizer.ggml.scores", std::to_string(spec.scores.size()) + " scores for " +
+                                             std::to_string(n) + " tokens");
   }
   if (!spec.token_types.empty() && spec.token_types.size() != n) {
     vocab_error("tokenizer.ggml.token_type", std::to_string(spec.token_types.size()) +

@@ -15,6 +15,8 @@
 
 #include <cstdint>
 
+// The generated tables and the generator script below keep their layout.
+// clang-format off
 namespace qlora::tokenizers::unicode_data {
 
 struct Range {
@@ -1573,6 +1575,8 @@ inline constexpr Composition kCompositions[] = {
 //
 // #include <cstdint>
 //
+// // The generated tables and the generator script below keep their layout.
+// // clang-format off
 // namespace qlora::tokenizers::unicode_data {
 //
 // struct Range {

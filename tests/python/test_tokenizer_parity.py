@@ -280,8 +280,8 @@ def bytes_only_tokenizer(normalizer=None, split=None):
     they show exactly what a normalizer produced or a Split removed."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
-    steps = ([split] if split else []) + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence(([split] if split else []) + [byte_level])
     if normalizer:
         tok.normalizer = normalizer
     tok.decoder = decoders.ByteLevel()
@@ -301,7 +301,8 @@ def test_regex_classes_match_oniguruma(tool, tmp_path, pattern):
     tok = bytes_only_tokenizer(split=pre_tokenizers.Split(Regex(pattern), "removed"))
     path = tmp_path / "tokenizer.json"
     tok.save(str(path))
-    texts = ["".join(map(chr, ALL_CODE_POINTS[i : i + 8192])) for i in range(0, len(ALL_CODE_POINTS), 8192)]
+    chunks = range(0, len(ALL_CODE_POINTS), 8192)
+    texts = ["".join(map(chr, ALL_CODE_POINTS[i : i + 8192])) for i in chunks]
     assert_same(tool.encode(path, texts, False), hf_encode(path, texts, False), texts, pattern)
 
 
@@ -314,9 +315,10 @@ def nfc_test_texts():
     rng = random.Random(3)
     marks = [c for c in ALL_CODE_POINTS if unicodedata.combining(chr(c))]
     bases = "aeiouAEOUnNcCsSzZ\u1100\u1161\u11a8\uac00\u0915\u0627\u05d0\u3042\u304b"
-    for _ in range(3000):
-        texts.append("".join(rng.choice(bases) + "".join(chr(rng.choice(marks)) for _ in range(rng.randint(0, 4)))
-                             for _ in range(rng.randint(1, 6))))
+    def cluster():
+        return rng.choice(bases) + "".join(chr(rng.choice(marks)) for _ in range(rng.randint(0, 4)))
+
+    texts += ["".join(cluster() for _ in range(rng.randint(1, 6))) for _ in range(3000)]
     # one text per 64 items keeps the tool call small
     return ["|".join(texts[i : i + 64]) for i in range(0, len(texts), 64)]
 
@@ -477,7 +479,11 @@ def unmergeable_pieces(tok, count=40):
 def llama3(tmp_path_factory):
     out = tmp_path_factory.mktemp("llama3")
     tok = train_byte_level(LLAMA3_PATTERN, nfc=False, seed=1)
-    unmergeable = unmergeable_pieces(tok)
+    data = json.loads(tok.to_str())
+    data["model"]["ignore_merges"] = True
+    for piece in unmergeable_pieces(tok):
+        data["model"]["vocab"][piece] = len(data["model"]["vocab"])
+    tok = Tokenizer.from_str(json.dumps(data))
     tok.add_special_tokens([
         "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
         "<|reserved_special_token_1|>", "<|start_header_id|>", "<|end_header_id|>",
@@ -493,10 +499,6 @@ def llama3(tmp_path_factory):
 
     def save(tokenizer, name):
         data = json.loads(tokenizer.to_str())
-        data["model"]["ignore_merges"] = True
-        vocab = data["model"]["vocab"]
-        for piece in unmergeable:
-            vocab[piece] = 1 + max(max(vocab.values()), *(t["id"] for t in data["added_tokens"]))
         # Llama 3's tokenizer.json spells merges as "left right" strings.
         data["model"]["merges"] = [" ".join(m) for m in data["model"]["merges"]]
         (out / name).mkdir()
@@ -634,11 +636,13 @@ def hf_llama_json(directory, pieces, scores, types, legacy):
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for a, b, _ in merges], unk_token="<unk>",
                                fuse_unk=True, byte_fallback=True))
     if legacy:
-        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.normalizer = normalizers.Sequence(
+            [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     else:
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement="▁", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
     tok.add_special_tokens([AddedToken(pieces[i], normalized=False, special=True)
                             for i in range(len(pieces)) if types[i] in (2, 3)])
     tok.add_tokens([AddedToken(pieces[i], normalized=False, special=False)
@@ -678,6 +682,81 @@ def test_llama2_style_matches_hf_legacy(tool, llama2, corpus, source):
 
 def test_llama2_style_metaspace_json(tool, llama2, corpus):
     check_against_tokenizers(tool, llama2["metaspace"], llama2["metaspace"], corpus)
+
+
+def read_varint(data, pos):
+    value, shift = 0, 0
+    while True:
+        b = data[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if b < 0x80:
+            return value, pos
+
+
+def varint(value):
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def proto_fields(data):
+    """(field number, payload start, end) of each field of a serialized protobuf message."""
+    pos = 0
+    while pos < len(data):
+        key, body = read_varint(data, pos)
+        wire = key & 7
+        if wire == 0:
+            start, end = body, read_varint(data, body)[1]
+        elif wire in (1, 5):
+            start, end = body, body + (8 if wire == 1 else 4)
+        else:
+            length, start = read_varint(data, body)
+            end = start + length
+        yield key >> 3, pos, start, end
+        pos = end
+
+
+def with_piece_types(model_bytes, new_types):
+    """The serialized ModelProto with the types of some pieces replaced ({index: type});
+    pieces are field 1, each a message {1: piece, 2: score, 3: type}."""
+    out, index = bytearray(), 0
+    for field, pos, start, end in proto_fields(model_bytes):
+        if field == 1:
+            if index in new_types:
+                piece = model_bytes[start:end]
+                kept = b"".join(piece[p:e] for f, p, _, e in proto_fields(piece) if f != 3)
+                body = kept + varint(3 << 3) + varint(new_types[index])
+                out += model_bytes[pos:pos + 1] + varint(len(body)) + body
+                index += 1
+                continue
+            index += 1
+        out += model_bytes[pos:end]
+    return bytes(out)
+
+
+def test_llama2_style_unused_pieces(tool, llama2, corpus, tmp_path):
+    """Pieces marked unused are formed by the merges, then split back (bpe_model.cc)."""
+    sp = llama2["sp"]
+    spec = json.loads(pathlib.Path(llama2["vocab"][len("vocab:"):]).read_text(encoding="utf-8"))
+    merged = [i for i, (piece, t) in enumerate(zip(spec["tokens"], spec["token_types"]))
+              if t == 1 and len(piece) >= 3]
+    unused = {i: 5 for i in merged[:: max(1, len(merged) // 60)]}
+    model = tmp_path / "unused.model"
+    model.write_bytes(with_piece_types(llama2["model"].read_bytes(), unused))
+    reference = spm.SentencePieceProcessor(model_file=str(model))
+    assert all(reference.is_unused(i) for i in unused)
+    spec["token_types"] = [unused.get(i, t) for i, t in enumerate(spec["token_types"])]
+    source = vocab_spec_file(tmp_path / "vocab.json", spec)
+    texts = plain_texts(corpus, sp)
+    expected = [reference.encode(t) for t in texts]
+    assert expected != [sp.encode(t) for t in texts]  # the unused pieces matter
+    assert_same(tool.encode(source, texts, False), expected, texts, "sentencepiece, unused pieces")
+    assert_same(tool.encode(model, texts, False), expected, texts, "libsentencepiece, unused pieces")
 
 
 # ---------------------------------------------------------------------------------------------

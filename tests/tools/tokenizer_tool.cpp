@@ -5,7 +5,8 @@
 //                                                  stdout: JSON array of strings
 //   tokenizer_tool info SOURCE                     stdout: JSON object (vocab size, special ids)
 //   tokenizer_tool bench SOURCE                    stdin: JSON array of strings; stdout: JSON
-//                                                  {"bytes", "tokens", "seconds"} of one encode pass
+//                                                  {"bytes", "tokens", "seconds"} of one encode
+//                                                  pass
 // SOURCE is a tokenizer.json, a SentencePiece .model, or vocab:FILE where FILE is a JSON object
 // holding the GGUF tokenizer metadata as VocabSpec names it ({"model", "pre", "tokens", "scores",
 // "token_types", "merges", "bos_id", "eos_id", "unk_id", "pad_id", "add_bos", "add_eos",
@@ -16,8 +17,8 @@
 #include <iostream>
 #include <iterator>
 #include <memory>
-#include <optional>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -29,7 +30,8 @@ namespace tk = qlora::tokenizers;
 using nlohmann::json;
 
 bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 std::optional<int32_t> optional_id(const json& j, const char* key) {
@@ -59,13 +61,15 @@ tk::VocabSpec read_vocab_spec(const std::string& path) {
 }
 
 std::unique_ptr<tk::Tokenizer> load(const std::string& source) {
-  if (source.rfind("vocab:", 0) == 0) return tk::tokenizer_from_vocab(read_vocab_spec(source.substr(6)));
+  if (source.rfind("vocab:", 0) == 0)
+    return tk::tokenizer_from_vocab(read_vocab_spec(source.substr(6)));
   if (ends_with(source, ".json")) return tk::load_tokenizer_json(source);
   return tk::load_sentencepiece(source);
 }
 
 json read_stdin_json() {
-  const std::string text((std::istreambuf_iterator<char>(std::cin)), std::istreambuf_iterator<char>());
+  const std::string text((std::istreambuf_iterator<char>(std::cin)),
+                         std::istreambuf_iterator<char>());
   return json::parse(text);
 }
 
@@ -78,7 +82,8 @@ json optional_json(const std::optional<int32_t>& id) { return id ? json(*id) : j
 
 void encode(const tk::Tokenizer& tokenizer, bool add_special) {
   json out = json::array();
-  for (const json& text : read_stdin_json()) out.push_back(tokenizer.encode(text.get<std::string>(), add_special));
+  for (const json& text : read_stdin_json())
+    out.push_back(tokenizer.encode(text.get<std::string>(), add_special));
   write_json(out);
 }
 

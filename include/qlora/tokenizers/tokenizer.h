@@ -79,14 +79,14 @@ struct VocabSpec {
   // tokenizer.ggml.pre, selecting the pre-tokenizer regex of a byte-level BPE ("llama-bpe",
   // "qwen2", "smollm", "gpt-2", "default", ...). Unused for "llama".
   std::string pre;
-  std::vector<std::string> tokens;    // tokenizer.ggml.tokens; the id is the index
-  std::vector<float> scores;          // tokenizer.ggml.scores (required for "llama")
-  std::vector<int32_t> token_types;   // tokenizer.ggml.token_type (GgufTokenType); may be empty
-  std::vector<std::string> merges;    // tokenizer.ggml.merges, "left right" (required for "gpt2")
-  std::optional<int32_t> bos_id;      // tokenizer.ggml.bos_token_id
-  std::optional<int32_t> eos_id;      // tokenizer.ggml.eos_token_id
-  std::optional<int32_t> unk_id;      // tokenizer.ggml.unknown_token_id
-  std::optional<int32_t> pad_id;      // tokenizer.ggml.padding_token_id
+  std::vector<std::string> tokens;   // tokenizer.ggml.tokens; the id is the index
+  std::vector<float> scores;         // tokenizer.ggml.scores (required for "llama")
+  std::vector<int32_t> token_types;  // tokenizer.ggml.token_type (GgufTokenType); may be empty
+  std::vector<std::string> merges;   // tokenizer.ggml.merges, "left right" (required for "gpt2")
+  std::optional<int32_t> bos_id;     // tokenizer.ggml.bos_token_id
+  std::optional<int32_t> eos_id;     // tokenizer.ggml.eos_token_id
+  std::optional<int32_t> unk_id;     // tokenizer.ggml.unknown_token_id
+  std::optional<int32_t> pad_id;     // tokenizer.ggml.padding_token_id
   // tokenizer.ggml.add_bos_token / add_eos_token. The reader fills these; where the file lacks
   // the keys, llama.cpp's defaults are add_bos = true for "llama" and for pre "llama-bpe".
   bool add_bos = false;
