@@ -66,7 +66,9 @@ at::Tensor rotate_half(const at::Tensor& x) {
 at::Tensor repeat_kv(const at::Tensor& x, int64_t n_rep) {
   if (n_rep == 1) return x;
   const auto s = x.sizes();
-  return x.unsqueeze(2).expand({s[0], s[1], n_rep, s[2], s[3]}).reshape({s[0], s[1] * n_rep, s[2], s[3]});
+  return x.unsqueeze(2)
+      .expand({s[0], s[1], n_rep, s[2], s[3]})
+      .reshape({s[0], s[1] * n_rep, s[2], s[3]});
 }
 
 // Positions restarting at 0 at each change of segment id along a row.
@@ -94,7 +96,8 @@ struct RngState {
     RngState s;
     s.device = device;
     s.cpu = get(at::detail::getDefaultCPUGenerator());
-    if (device.type() != at::kCPU) s.device_state = get(at::globalContext().defaultGenerator(device));
+    if (device.type() != at::kCPU)
+      s.device_state = get(at::globalContext().defaultGenerator(device));
     return s;
   }
   void restore() const {
@@ -139,8 +142,8 @@ class CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_out) {
-    auto call = c10::static_intrusive_pointer_cast<CheckpointCall>(
-        ctx->saved_data["call"].toCapsule());
+    auto call =
+        c10::static_intrusive_pointer_cast<CheckpointCall>(ctx->saved_data["call"].toCapsule());
     const bool hidden_grad = ctx->needs_input_grad(0);
     const at::Tensor hidden = ctx->get_saved_variables()[0].detach().requires_grad_(hidden_grad);
     at::Tensor out;
@@ -298,10 +301,13 @@ LlamaAttentionImpl::LlamaAttentionImpl(const LlamaConfig& c, int64_t layer_idx,
       num_kv_heads_(c.num_key_value_heads),
       head_dim_(c.attention_head_dim()),
       dropout_(c.attention_dropout) {
-  const int64_t H = c.hidden_size, q_out = num_heads_ * head_dim_, kv_out = num_kv_heads_ * head_dim_;
+  const int64_t H = c.hidden_size, q_out = num_heads_ * head_dim_,
+                kv_out = num_kv_heads_ * head_dim_;
   register_linear("q_proj", weights.linear(join(prefix, "q_proj"), H, q_out, c.qkv_bias()), q_proj);
-  register_linear("k_proj", weights.linear(join(prefix, "k_proj"), H, kv_out, c.qkv_bias()), k_proj);
-  register_linear("v_proj", weights.linear(join(prefix, "v_proj"), H, kv_out, c.qkv_bias()), v_proj);
+  register_linear("k_proj", weights.linear(join(prefix, "k_proj"), H, kv_out, c.qkv_bias()),
+                  k_proj);
+  register_linear("v_proj", weights.linear(join(prefix, "v_proj"), H, kv_out, c.qkv_bias()),
+                  v_proj);
   register_linear("o_proj", weights.linear(join(prefix, "o_proj"), q_out, H, c.o_proj_bias()),
                   o_proj);
 }
@@ -316,9 +322,9 @@ at::Tensor LlamaAttentionImpl::forward(const at::Tensor& x, const LayerInputs& i
   k = k * cos + rotate_half(k) * sin;
   if (in.cache) std::tie(k, v) = in.cache->append(layer_idx_, k, v);
   const int64_t n_rep = num_heads_ / num_kv_heads_;
-  const at::Tensor out = at::scaled_dot_product_attention(
-      q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), in.mask, is_training() ? dropout_ : 0.0,
-      in.causal);
+  const at::Tensor out =
+      at::scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), in.mask,
+                                       is_training() ? dropout_ : 0.0, in.causal);
   return o_proj(out.transpose(1, 2).reshape({B, T, num_heads_ * head_dim_}));
 }
 
@@ -338,8 +344,8 @@ at::Tensor LlamaMLPImpl::forward(const at::Tensor& x) {
 LlamaDecoderLayerImpl::LlamaDecoderLayerImpl(const LlamaConfig& c, int64_t layer_idx,
                                              LlamaWeightSource& weights,
                                              const std::string& prefix) {
-  self_attn = register_module(
-      "self_attn", LlamaAttention(c, layer_idx, weights, join(prefix, "self_attn")));
+  self_attn = register_module("self_attn",
+                              LlamaAttention(c, layer_idx, weights, join(prefix, "self_attn")));
   mlp = register_module("mlp", LlamaMLP(c, weights, join(prefix, "mlp")));
   const int64_t H = c.hidden_size;
   input_layernorm = register_module(
@@ -369,15 +375,14 @@ LlamaModelImpl::LlamaModelImpl(const LlamaConfig& c, LlamaWeightSource& weights)
     layers->push_back(layer);
     layer_list_.push_back(layer);
   }
-  norm = register_module("norm", LlamaRMSNorm(weights.tensor("model.norm.weight", {H}),
-                                              c.rms_norm_eps));
+  norm = register_module("norm",
+                         LlamaRMSNorm(weights.tensor("model.norm.weight", {H}), c.rms_norm_eps));
   inv_freq_ = c.rope_inv_freq();
 }
 
 LayerInputs LlamaModelImpl::layer_inputs(const at::Tensor& positions, const at::Tensor& key_mask,
-                                         const std::optional<at::Tensor>& segment_ids,
-                                         int64_t past, int64_t T, at::ScalarType dtype,
-                                         KVCache* cache) {
+                                         const std::optional<at::Tensor>& segment_ids, int64_t past,
+                                         int64_t T, at::ScalarType dtype, KVCache* cache) {
   LayerInputs in;
   in.cache = cache;
   // HF LlamaRotaryEmbedding: float32 angles, cos/sin cast to the hidden dtype.
@@ -434,8 +439,9 @@ at::Tensor LlamaModelImpl::forward(const at::Tensor& input_ids,
   const int64_t past = cache ? cache->length : 0, S = past + T;
   const auto dev = input_ids.device();
   const auto bool_opts = input_ids.options().dtype(at::kBool);
-  TORCH_CHECK(!(segment_ids && cache), "Llama forward: segment_ids (packed sequences) cannot be "
-                                       "combined with a KV cache");
+  TORCH_CHECK(!(segment_ids && cache),
+              "Llama forward: segment_ids (packed sequences) cannot be "
+              "combined with a KV cache");
   std::optional<at::Tensor> seg;
   if (segment_ids) {
     TORCH_CHECK(segment_ids->sizes() == input_ids.sizes(), "Llama forward: segment_ids must be ",
@@ -446,8 +452,8 @@ at::Tensor LlamaModelImpl::forward(const at::Tensor& input_ids,
   // Which keys (past and new) are real tokens.
   at::Tensor key_mask;
   const at::Tensor past_mask = cache && cache->key_mask.defined() ? cache->key_mask
-                               : past > 0 ? at::ones({B, past}, bool_opts)
-                                          : at::Tensor();
+                               : past > 0                         ? at::ones({B, past}, bool_opts)
+                                                                  : at::Tensor();
   if (attention_mask) {
     const at::Tensor m = attention_mask->to(dev, at::kBool);
     TORCH_CHECK(m.dim() == 2 && m.size(0) == B && (m.size(1) == S || m.size(1) == T),
@@ -468,7 +474,8 @@ at::Tensor LlamaModelImpl::forward(const at::Tensor& input_ids,
   } else if (seg) {
     positions = segment_positions(*seg);
   } else {
-    positions = at::arange(past, S, input_ids.options().dtype(at::kLong)).unsqueeze(0).expand({B, T});
+    positions =
+        at::arange(past, S, input_ids.options().dtype(at::kLong)).unsqueeze(0).expand({B, T});
   }
 
   at::Tensor hidden = embed_tokens(input_ids);
@@ -513,8 +520,7 @@ at::Tensor LlamaForCausalLMImpl::forward(const at::Tensor& input_ids,
       .to(at::kFloat);
 }
 
-at::Tensor LlamaForCausalLMImpl::generate(const at::Tensor& input_ids,
-                                          const GenerationConfig& g,
+at::Tensor LlamaForCausalLMImpl::generate(const at::Tensor& input_ids, const GenerationConfig& g,
                                           const std::optional<at::Tensor>& attention_mask) {
   check_generation(g);
   TORCH_CHECK(input_ids.dim() == 2 && input_ids.size(1) > 0,
@@ -542,8 +548,8 @@ at::Tensor LlamaForCausalLMImpl::generate(const at::Tensor& input_ids,
   at::Tensor finished = at::zeros({B}, long_opts.dtype(at::kBool));
   for (int64_t step = 0; step < g.max_new_tokens; ++step) {
     const at::Tensor logits = lm_head(hidden.select(1, hidden.size(1) - 1)).to(at::kFloat);
-    at::Tensor next = g.temperature == 0 ? logits.argmax(-1)
-                                         : sample(logits, g, gen).to(input_ids.device());
+    at::Tensor next =
+        g.temperature == 0 ? logits.argmax(-1) : sample(logits, g, gen).to(input_ids.device());
     next = at::where(finished, at::full({B}, pad, long_opts), next);
     pieces.push_back(next.unsqueeze(1));
     if (!stop.empty()) finished = finished.logical_or(at::isin(next, stop_ids));

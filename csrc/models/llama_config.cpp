@@ -125,8 +125,8 @@ at::ScalarType dtype_from_hf(const JsonFields& f, const std::string& key) {
 // the type under "rope_type" or the older "type".
 void read_rope(const JsonFields& top, const std::string& key, LlamaConfig& c) {
   const JsonFields f(top.object(key), top.source() + " \"" + key + "\"");
-  const std::string type = f.present("rope_type") ? f.string("rope_type", "default")
-                                                  : f.string("type", "default");
+  const std::string type =
+      f.present("rope_type") ? f.string("rope_type", "default") : f.string("type", "default");
   c.rope_theta = f.number("rope_theta", c.rope_theta);
   TORCH_CHECK(f.number("partial_rotary_factor", 1.0) == 1.0, f.source(),
               ": partial_rotary_factor != 1 is not supported by the LLaMA architecture");
@@ -164,9 +164,9 @@ void LlamaConfig::validate() const {
                          {"num_attention_heads", num_attention_heads},
                          {"num_key_value_heads", num_key_value_heads}})
     TORCH_CHECK(v > 0, "LlamaConfig: ", name, " must be positive, got ", v);
-  TORCH_CHECK(num_attention_heads % num_key_value_heads == 0,
-              "LlamaConfig: num_attention_heads (", num_attention_heads,
-              ") must be a multiple of num_key_value_heads (", num_key_value_heads, ")");
+  TORCH_CHECK(num_attention_heads % num_key_value_heads == 0, "LlamaConfig: num_attention_heads (",
+              num_attention_heads, ") must be a multiple of num_key_value_heads (",
+              num_key_value_heads, ")");
   TORCH_CHECK(head_dim > 0 || hidden_size % num_attention_heads == 0, "LlamaConfig: hidden_size (",
               hidden_size, ") must be a multiple of num_attention_heads (", num_attention_heads,
               ") when head_dim is not given");
@@ -219,8 +219,7 @@ at::Tensor LlamaConfig::rope_inv_freq() const {
         (wavelen < high_freq_wavelen).logical_not() * (wavelen > low_freq_wavelen).logical_not();
     inv_freq = at::where(medium, smoothed, scaled);
   }
-  if (!rope_freq_factors.empty())
-    inv_freq = inv_freq / at::tensor(rope_freq_factors, at::kFloat);
+  if (!rope_freq_factors.empty()) inv_freq = inv_freq / at::tensor(rope_freq_factors, at::kFloat);
   return inv_freq.contiguous();
 }
 
@@ -294,8 +293,8 @@ LlamaConfig LlamaConfig::from_gguf(const io::GgufReader& r) {
                               ? r.get_int("llama.attention.head_count_kv")
                               : c.num_attention_heads;
   if (r.has("llama.attention.key_length")) c.head_dim = r.get_int("llama.attention.key_length");
-  c.max_position_embeddings = r.has("llama.context_length") ? r.get_int("llama.context_length")
-                                                            : c.max_position_embeddings;
+  c.max_position_embeddings =
+      r.has("llama.context_length") ? r.get_int("llama.context_length") : c.max_position_embeddings;
   c.rms_norm_eps = gguf_float(r, "llama.attention.layer_norm_rms_epsilon", 1e-5);
   c.rope_theta = gguf_float(r, "llama.rope.freq_base", 10000.0);
   const io::GgufTensorInfo& embd = r.tensor_info("token_embd.weight");

@@ -30,7 +30,8 @@ bool is_file(const std::string& p) {
   return ::stat(p.c_str(), &st) == 0 && S_ISREG(st.st_mode);
 }
 bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 bool starts_with(const std::string& s, const std::string& prefix) {
   return s.compare(0, prefix.size(), prefix) == 0;
@@ -113,10 +114,10 @@ TensorStore safetensors_store(const std::string& dir) {
 // transformers' GGUF tensor names of a llama block, HF suffix -> GGUF suffix.
 const std::vector<std::pair<std::string, std::string>>& gguf_block_names() {
   static const std::vector<std::pair<std::string, std::string>> names = {
-      {"input_layernorm", "attn_norm"},  {"post_attention_layernorm", "ffn_norm"},
-      {"self_attn.q_proj", "attn_q"},    {"self_attn.k_proj", "attn_k"},
-      {"self_attn.v_proj", "attn_v"},    {"self_attn.o_proj", "attn_output"},
-      {"mlp.gate_proj", "ffn_gate"},     {"mlp.up_proj", "ffn_up"},
+      {"input_layernorm", "attn_norm"}, {"post_attention_layernorm", "ffn_norm"},
+      {"self_attn.q_proj", "attn_q"},   {"self_attn.k_proj", "attn_k"},
+      {"self_attn.v_proj", "attn_v"},   {"self_attn.o_proj", "attn_output"},
+      {"mlp.gate_proj", "ffn_gate"},    {"mlp.up_proj", "ffn_up"},
       {"mlp.down_proj", "ffn_down"}};
   return names;
 }
@@ -242,9 +243,8 @@ class StreamingWeights : public LlamaWeightSource {
   }
 
   at::Tensor fetch(const std::string& name, at::IntArrayRef shape) {
-    TORCH_CHECK(store_.contains(name), "load_llama: ", store_.description,
-                ": missing tensor \"", name, "\" (needed by the model ", config_source_,
-                " describes)");
+    TORCH_CHECK(store_.contains(name), "load_llama: ", store_.description, ": missing tensor \"",
+                name, "\" (needed by the model ", config_source_, " describes)");
     const at::Tensor t = store_.get(name);
     TORCH_CHECK(t.sizes() == shape, "load_llama: ", store_.file_of(name), ": tensor \"", name,
                 "\" has shape ", t.sizes(), " but ", config_source_, " needs ", shape);
@@ -255,13 +255,14 @@ class StreamingWeights : public LlamaWeightSource {
     return t.to(opts_.device, opts_.dtype);
   }
 
-  std::shared_ptr<torch::nn::Module> packed_linear(const std::string& name, int64_t in,
-                                                   int64_t out, const std::optional<at::Tensor>& b,
+  std::shared_ptr<torch::nn::Module> packed_linear(const std::string& name, int64_t in, int64_t out,
+                                                   const std::optional<at::Tensor>& b,
                                                    bool target) {
     const std::string prefix = name + ".weight";
     std::map<std::string, at::Tensor> parts;
-    for (const char* suffix : {"", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map",
-                               ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4"}) {
+    for (const char* suffix :
+         {"", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map",
+          ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4"}) {
       const std::string key = prefix + suffix;
       if (!store_.contains(key)) continue;
       parts[key] = store_.get(key);
@@ -273,12 +274,12 @@ class StreamingWeights : public LlamaWeightSource {
     } catch (const c10::Error& e) {
       TORCH_CHECK(false, "load_llama: ", store_.file_of(prefix), ": ", e.msg());
     }
-    TORCH_CHECK(q.second.shape == std::vector<int64_t>({out, in}), "load_llama: ",
-                store_.file_of(prefix), ": 4-bit tensor \"", prefix, "\" has shape ",
-                at::IntArrayRef(q.second.shape), " but ", config_source_, " needs [", out, ", ",
-                in, "]");
-    const at::ScalarType compute = opts_.quantize ? opts_.quantize->compute_dtype
-                                                  : bnb_->compute_dtype;
+    TORCH_CHECK(q.second.shape == std::vector<int64_t>({out, in}),
+                "load_llama: ", store_.file_of(prefix), ": 4-bit tensor \"", prefix,
+                "\" has shape ", at::IntArrayRef(q.second.shape), " but ", config_source_,
+                " needs [", out, ", ", in, "]");
+    const at::ScalarType compute =
+        opts_.quantize ? opts_.quantize->compute_dtype : bnb_->compute_dtype;
     quantized.push_back(name);
     if (!target) inert.push_back(name);
     return std::make_shared<nn::QLoRALinearImpl>(q.first.to(opts_.device),
@@ -304,10 +305,10 @@ nn::LoRAReport lora_report(LlamaForCausalLMImpl& model, const nn::LoRAConfig& co
     const size_t dot = name.rfind('.');
     const std::string leaf = name.substr(dot + 1), owner = name.substr(0, dot);
     const bool adapter = leaf == "lora_A" || leaf == "lora_B" || leaf == "lora_magnitude_vector";
-    const bool trained_bias = leaf == "bias" && (config.bias == "all" ||
-                                                 (config.bias == "lora_only" &&
-                                                  std::find(replaced.begin(), replaced.end(),
-                                                            owner) != replaced.end()));
+    const bool trained_bias =
+        leaf == "bias" && (config.bias == "all" ||
+                           (config.bias == "lora_only" &&
+                            std::find(replaced.begin(), replaced.end(), owner) != replaced.end()));
     p.value().requires_grad_((adapter && !inert_set.count(owner)) || trained_bias);
   }
   nn::LoRAReport report;
@@ -345,8 +346,7 @@ std::string detect_llama_format(const std::string& path, const std::string& form
   return read_bnb_config(read_json(config), config) ? "bnb-4bit" : "safetensors";
 }
 
-LlamaForCausalLM load_llama(const std::string& path, const LoadOptions& opts,
-                            LoadReport* report) {
+LlamaForCausalLM load_llama(const std::string& path, const LoadOptions& opts, LoadReport* report) {
   if (opts.lora) opts.lora->validate();
   TORCH_CHECK(at::isFloatingType(opts.dtype), "load_llama: dtype must be floating point, got ",
               opts.dtype);

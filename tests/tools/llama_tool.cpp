@@ -64,7 +64,8 @@ at::Tensor read_matrix(const std::string& arg) {
     TORCH_CHECK(row.is_array() && row.size() == T, "rows must all have ", T, " entries");
     for (const auto& v : row) flat.push_back(v.get<int64_t>());
   }
-  return at::tensor(flat, at::kLong).view({static_cast<int64_t>(j.size()), static_cast<int64_t>(T)});
+  return at::tensor(flat, at::kLong)
+      .view({static_cast<int64_t>(j.size()), static_cast<int64_t>(T)});
 }
 
 at::ScalarType parse_dtype(const std::string& name) {
@@ -114,8 +115,8 @@ bool parse(int argc, char** argv, Args& a) {
 }
 
 void print_report(const qlora::models::LoadReport& r) {
-  std::cerr << "loaded " << r.format << " (" << r.config_source << "): "
-            << r.config.num_hidden_layers << " layers, " << r.quantized.size()
+  std::cerr << "loaded " << r.format << " (" << r.config_source
+            << "): " << r.config.num_hidden_layers << " layers, " << r.quantized.size()
             << " 4-bit Linear layers\n";
 }
 

@@ -71,8 +71,7 @@ struct KVCache {
   // Writes [B, kv_heads, T, head_dim] after the cached positions of
   // `layer` and returns that layer's keys and values for all length + T
   // positions. `length` itself advances once per forward (the model does it).
-  std::pair<at::Tensor, at::Tensor> append(int64_t layer, const at::Tensor& k,
-                                           const at::Tensor& v);
+  std::pair<at::Tensor, at::Tensor> append(int64_t layer, const at::Tensor& k, const at::Tensor& v);
   void clear();
 };
 
