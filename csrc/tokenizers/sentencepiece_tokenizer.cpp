@@ -1,23 +1,30 @@
-// SentencePiece tokenizers (Llama 2, Mistral): a tokenizer.model run by libsentencepiece, and
-// the same vocabulary as a GGUF file stores it (tokenizer.ggml.model "llama"), run by the
-// SentencePiece BPE algorithm implemented here so that no .model file is needed.
+// SentencePiece tokenizers (Llama 2, Mistral): a tokenizer.model, read here (spm_model_proto.cpp)
+// without libsentencepiece, and the same vocabulary as a GGUF file stores it
+// (tokenizer.ggml.model "llama"). Both run the SentencePiece BPE algorithm implemented here.
 //
 // Both behave as Hugging Face's converted Llama tokenizers (legacy mode) and llama.cpp do:
 // control, unknown and user-defined pieces written in the text are matched first, and each
-// stretch of text between them is encoded separately with its own "▁" dummy prefix.
+// stretch of text between them is encoded separately with its own "▁" dummy prefix; a
+// tokenizer.model encodes each stretch exactly as libsentencepiece's Encode does.
 // Decoding is Hugging Face's: "▁" -> " ", <0xXX> pieces -> bytes, one leading space dropped.
-#include <sentencepiece_processor.h>
+//
+// (libsentencepiece itself is not used: it carries its own copy of protobuf-lite and calls it
+// through interposable symbols, which bind to LibTorch's different protobuf when both are
+// loaded.)
+#include <sys/stat.h>
 
 #include <algorithm>
 #include <array>
 #include <cerrno>
+#include <cmath>
 #include <cstring>
 #include <fstream>
 #include <queue>
-#include <sstream>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 
+#include "tokenizers/spm_model_proto.h"
 #include "tokenizers/tokenizer_internal.h"
 
 namespace qlora::tokenizers {
@@ -30,19 +37,6 @@ using detail::Segment;
 const char* const kSpace = "\xE2\x96\x81";  // U+2581, SentencePiece's whitespace marker
 
 using PieceType = GgufTokenType;  // SentencePiece's ModelProto types have the same values
-
-std::string replace_spaces(std::string_view text) {
-  std::string out;
-  out.reserve(text.size() + 8);
-  for (const char c : text) {
-    if (c == ' ') {
-      out += kSpace;
-    } else {
-      out += c;
-    }
-  }
-  return out;
-}
 
 std::string byte_piece(unsigned char b) {
   static const char* const kHex = "0123456789ABCDEF";
@@ -220,175 +214,31 @@ void apply_tokenizer_config(const std::string& path, const SpmVocab& vocab, Spec
   if (config->add_eos) c.add_eos = *config->add_eos;
 }
 
-// ---------------------------------------------------------------------------------------------
-// tokenizer.model through libsentencepiece
-
-// Just enough of the protobuf wire format to read what libsentencepiece's API does not
-// expose: each piece's type (user-defined pieces) and normalizer_spec.add_dummy_prefix.
-class ProtoReader {
- public:
-  explicit ProtoReader(std::string_view data) : data_(data) {}
-
-  bool done() const { return pos_ >= data_.size(); }
-
-  // Reads the next field's key; false on malformed input.
-  bool next(uint32_t* field, uint32_t* wire_type) {
-    uint64_t key;
-    if (!varint(&key)) return false;
-    *field = static_cast<uint32_t>(key >> 3);
-    *wire_type = static_cast<uint32_t>(key & 7);
-    return true;
-  }
-
-  bool varint(uint64_t* value) {
-    *value = 0;
-    for (int shift = 0; shift < 64 && pos_ < data_.size(); shift += 7) {
-      const auto b = static_cast<unsigned char>(data_[pos_++]);
-      *value |= static_cast<uint64_t>(b & 0x7F) << shift;
-      if ((b & 0x80) == 0) return true;
-    }
-    return false;
-  }
-
-  bool bytes(std::string_view* out) {
-    uint64_t n;
-    if (!varint(&n) || n > data_.size() - pos_) return false;
-    *out = data_.substr(pos_, n);
-    pos_ += n;
-    return true;
-  }
-
-  bool skip(uint32_t wire_type) {
-    uint64_t v;
-    std::string_view s;
-    switch (wire_type) {
-      case 0:
-        return varint(&v);
-      case 1:
-        return advance(8);
-      case 2:
-        return bytes(&s);
-      case 5:
-        return advance(4);
-      default:
-        return false;
-    }
-  }
-
- private:
-  bool advance(size_t n) {
-    if (n > data_.size() - pos_) return false;
-    pos_ += n;
-    return true;
-  }
-
-  std::string_view data_;
-  size_t pos_ = 0;
-};
-
-struct ModelProtoInfo {
-  std::vector<PieceType> types;
-  bool add_dummy_prefix = true;
-};
-
-// ModelProto: 1 = repeated SentencePiece {1 piece, 2 score, 3 type}, 3 = NormalizerSpec
-// {3 add_dummy_prefix}.
-bool read_piece_type(std::string_view message, PieceType* type) {
-  ProtoReader r(message);
-  *type = PieceType::kNormal;
-  uint32_t field, wire;
-  while (!r.done()) {
-    if (!r.next(&field, &wire)) return false;
-    uint64_t v;
-    if (field == 3 && wire == 0) {
-      if (!r.varint(&v)) return false;
-      *type = static_cast<PieceType>(v);
-    } else if (!r.skip(wire)) {
-      return false;
-    }
-  }
-  return true;
-}
-
-bool read_add_dummy_prefix(std::string_view message, bool* add_dummy_prefix) {
-  ProtoReader r(message);
-  uint32_t field, wire;
-  while (!r.done()) {
-    if (!r.next(&field, &wire)) return false;
-    uint64_t v;
-    if (field == 3 && wire == 0) {
-      if (!r.varint(&v)) return false;
-      *add_dummy_prefix = v != 0;
-    } else if (!r.skip(wire)) {
-      return false;
-    }
-  }
-  return true;
-}
-
-std::optional<ModelProtoInfo> read_model_proto(std::string_view data) {
-  ModelProtoInfo info;
-  ProtoReader r(data);
-  uint32_t field, wire;
-  while (!r.done()) {
-    if (!r.next(&field, &wire)) return std::nullopt;
-    std::string_view message;
-    if ((field == 1 || field == 3) && wire == 2) {
-      if (!r.bytes(&message)) return std::nullopt;
-      if (field == 1) {
-        PieceType type;
-        if (!read_piece_type(message, &type)) return std::nullopt;
-        info.types.push_back(type);
-      } else if (!read_add_dummy_prefix(message, &info.add_dummy_prefix)) {
-        return std::nullopt;
-      }
-    } else if (!r.skip(wire)) {
-      return std::nullopt;
-    }
-  }
-  return info;
-}
-
-std::string read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw TokenizerError(path + ": cannot open: " + std::strerror(errno));
-  std::ostringstream data;
-  data << in.rdbuf();
-  if (in.bad()) throw TokenizerError(path + ": read failed");
-  return data.str();
-}
-
-std::optional<int32_t> valid_id(int id) {
-  if (id < 0) return std::nullopt;
-  return id;
-}
-
-class SentencePieceModelTokenizer final : public SpmTokenizerBase {
- public:
-  SentencePieceModelTokenizer(std::unique_ptr<sentencepiece::SentencePieceProcessor> processor,
-                              SpmVocab vocab, SpecialConfig config)
-      : SpmTokenizerBase(std::move(vocab), config), processor_(std::move(processor)) {}
-
- protected:
-  void encode_text(std::string_view text, std::vector<int32_t>& out) const override {
-    std::vector<int> ids;
-    const auto status = processor_->Encode(absl::string_view(text.data(), text.size()), &ids);
-    if (!status.ok()) throw std::runtime_error("sentencepiece: " + status.ToString());
-    out.insert(out.end(), ids.begin(), ids.end());
-  }
-
- private:
-  std::unique_ptr<sentencepiece::SentencePieceProcessor> processor_;
+// How a tokenizer.model encodes where llama.cpp, whose behaviour a GGUF vocabulary gets, differs
+// from libsentencepiece. The defaults are llama.cpp's.
+struct SpmOptions {
+  // NormalizerSpec.remove_extra_whitespaces: drop leading and trailing spaces, collapse runs.
+  bool remove_extra_whitespaces = false;
+  // Without byte fallback, a run of unknown pieces becomes one unknown id
+  // (SentencePieceProcessor::PopulateSentencePieceText).
+  bool fuse_unknown = false;
+  // User-defined pieces found in the text BPE sees are single symbols that never merge
+  // (bpe_model.cc's PrefixMatcher).
+  bool freeze_user_defined = false;
+  // The id unknown pieces become: libsentencepiece's is the UNKNOWN piece, whichever piece
+  // trainer_spec.unk_piece names. By default the tokenizer's unk id.
+  std::optional<int32_t> unknown_id;
 };
 
 // ---------------------------------------------------------------------------------------------
-// SentencePiece BPE on a GGUF vocabulary (bpe_model.cc's Encode, with its resegmentation of
-// unused pieces and SentencePieceProcessor's byte fallback)
+// SentencePiece BPE (bpe_model.cc's Encode, with its resegmentation of unused pieces and
+// SentencePieceProcessor's byte fallback)
 
 class SpmBpe {
  public:
-  SpmBpe(const SpmVocab& vocab, const std::vector<float>& scores, std::optional<int32_t> unk_id)
-      : vocab_(vocab), scores_(scores), unk_id_(unk_id) {
+  SpmBpe(const SpmVocab& vocab, const std::vector<float>& scores, std::optional<int32_t> unk_id,
+         const SpmOptions& options)
+      : vocab_(vocab), scores_(scores), unk_id_(unk_id), fuse_unknown_(options.fuse_unknown) {
     bool any_byte = false;
     byte_ids_.fill(-1);
     for (int b = 0; b < 256; ++b) {
@@ -397,10 +247,25 @@ class SpmBpe {
       }
     }
     byte_fallback_ = any_byte;
+    if (options.freeze_user_defined) {
+      for (size_t i = 0; i < vocab.pieces.size(); ++i) {
+        // Only user-defined pieces holding "▁" can be in the text BPE sees: the added-token
+        // split has taken every occurrence of the others out of it, and normalization only
+        // adds "▁" (for spaces and the dummy prefix) and removes spaces.
+        const std::string& piece = vocab.pieces[i];
+        if (vocab.types[i] == PieceType::kUserDefined && piece.find(kSpace) != std::string::npos) {
+          frozen_.insert(piece);
+          frozen_lengths_.push_back(piece.size());
+        }
+      }
+      std::sort(frozen_lengths_.rbegin(), frozen_lengths_.rend());
+      frozen_lengths_.erase(std::unique(frozen_lengths_.begin(), frozen_lengths_.end()),
+                            frozen_lengths_.end());
+    }
   }
 
   void encode(const std::string& text, std::vector<int32_t>& out) const {
-    Session session{this, text, {}, {}, {}};
+    Session session{this, text, {}, {}, {}, false};
     session.run(out);
   }
 
@@ -408,6 +273,7 @@ class SpmBpe {
   struct Symbol {
     int32_t prev, next;
     size_t start, len;  // len 0 once merged into its left neighbour
+    bool frozen;        // a user-defined piece: never merged
   };
   struct Pair {
     float score;
@@ -432,6 +298,14 @@ class SpmBpe {
     return std::nullopt;
   }
 
+  // The length of the longest frozen piece at text[pos], or 0.
+  size_t frozen_at(std::string_view text, size_t pos) const {
+    for (const size_t n : frozen_lengths_) {
+      if (n <= text.size() - pos && frozen_.count(std::string(text.substr(pos, n))) != 0) return n;
+    }
+    return 0;
+  }
+
   struct Session {
     const SpmBpe* bpe;
     const std::string& text;
@@ -439,6 +313,7 @@ class SpmBpe {
     std::priority_queue<Pair, std::vector<Pair>, PairAfter> agenda;
     // merged piece -> the two pieces it was made of (symbols change as they merge)
     std::unordered_map<std::string_view, std::pair<std::string_view, std::string_view>> rev_merge;
+    bool last_unknown;  // the last piece output was unknown
 
     std::string_view piece(const Symbol& s) const {
       return std::string_view(text).substr(s.start, s.len);
@@ -469,10 +344,14 @@ class SpmBpe {
 
     void split_characters() {
       for (size_t pos = 0; pos < text.size();) {
-        char32_t cp;
-        const size_t n = detail::utf8_decode(text, pos, &cp);
+        size_t n = bpe->frozen_lengths_.empty() ? 0 : bpe->frozen_at(text, pos);
+        const bool frozen = n != 0;
+        if (!frozen) {
+          char32_t cp;
+          n = detail::utf8_decode(text, pos, &cp);
+        }
         const auto index = static_cast<int32_t>(symbols.size());
-        symbols.push_back({index - 1, pos + n < text.size() ? index + 1 : -1, pos, n});
+        symbols.push_back({index - 1, pos + n < text.size() ? index + 1 : -1, pos, n, frozen});
         pos += n;
       }
     }
@@ -480,6 +359,7 @@ class SpmBpe {
     void add_pair(int32_t left, int32_t right) {
       if (left < 0 || right < 0) return;
       const Symbol& l = symbols[left];
+      if (l.frozen || symbols[right].frozen) return;
       const std::string_view merged =
           std::string_view(text).substr(l.start, l.len + symbols[right].len);
       const auto id = bpe->mergeable(merged);
@@ -491,7 +371,7 @@ class SpmBpe {
       }
     }
 
-    void resegment(std::string_view w, std::vector<int32_t>& out) const {
+    void resegment(std::string_view w, std::vector<int32_t>& out) {
       const auto id = bpe->vocab_.find(w);
       if (id && bpe->vocab_.types[*id] == PieceType::kUnused) {
         const auto it = rev_merge.find(w);
@@ -503,13 +383,15 @@ class SpmBpe {
       }
       if (id && bpe->vocab_.types[*id] != PieceType::kUnknown) {
         out.push_back(*id);
+        last_unknown = false;
         return;
       }
-      bpe->emit_unknown(w, out);
+      bpe->emit_unknown(w, out, last_unknown);
+      last_unknown = true;
     }
   };
 
-  void emit_unknown(std::string_view w, std::vector<int32_t>& out) const {
+  void emit_unknown(std::string_view w, std::vector<int32_t>& out, bool after_unknown) const {
     if (byte_fallback_) {
       const bool all = std::all_of(w.begin(), w.end(), [this](char b) {
         return byte_ids_[static_cast<unsigned char>(b)] >= 0;
@@ -519,33 +401,69 @@ class SpmBpe {
         return;
       }
     }
+    if (fuse_unknown_ && after_unknown) return;
     if (unk_id_) out.push_back(*unk_id_);
   }
 
   const SpmVocab& vocab_;
   const std::vector<float>& scores_;
   std::optional<int32_t> unk_id_;
+  bool fuse_unknown_;
   std::array<int32_t, 256> byte_ids_{};
   bool byte_fallback_ = false;
+  std::unordered_set<std::string> frozen_;
+  std::vector<size_t> frozen_lengths_;  // the lengths of the frozen pieces, longest first
 };
 
 class SpmVocabTokenizer final : public SpmTokenizerBase {
  public:
-  SpmVocabTokenizer(SpmVocab vocab, std::vector<float> scores, SpecialConfig config)
+  SpmVocabTokenizer(SpmVocab vocab, std::vector<float> scores, SpecialConfig config,
+                    const SpmOptions& options)
       : SpmTokenizerBase(std::move(vocab), config),
         scores_(std::move(scores)),
-        bpe_(this->vocab(), scores_, config.unk) {}
+        remove_extra_whitespaces_(options.remove_extra_whitespaces),
+        bpe_(this->vocab(), scores_, options.unknown_id ? options.unknown_id : config.unk,
+             options) {}
 
  protected:
-  // llama.cpp's llm_tokenizer_spm: a leading space (the dummy prefix), spaces as "▁".
   void encode_text(std::string_view text, std::vector<int32_t>& out) const override {
-    std::string escaped = replace_spaces(text);
-    if (config().add_dummy_prefix) escaped.insert(0, kSpace);
-    bpe_.encode(escaped, out);
+    bpe_.encode(normalize(text), out);
   }
 
  private:
+  // SentencePiece's normalizer (normalizer.cc) without a character map, as llama.cpp's
+  // llm_tokenizer_spm too: spaces become "▁", and the dummy prefix "▁" comes first. With
+  // remove_extra_whitespaces, leading spaces are dropped, runs of spaces become one "▁", and
+  // trailing "▁" are dropped.
+  std::string normalize(std::string_view text) const {
+    std::string out;
+    size_t i = 0;
+    if (remove_extra_whitespaces_) {
+      while (i < text.size() && text[i] == ' ') ++i;
+    }
+    if (i == text.size()) return out;
+    out.reserve(text.size() + 16);
+    if (config().add_dummy_prefix) out += kSpace;
+    bool after_space = remove_extra_whitespaces_;
+    for (; i < text.size(); ++i) {
+      if (text[i] != ' ') {
+        out += text[i];
+        after_space = false;
+      } else if (!after_space) {
+        out += kSpace;
+        after_space = remove_extra_whitespaces_;
+      }
+    }
+    if (remove_extra_whitespaces_) {
+      const size_t n = std::strlen(kSpace);
+      while (out.size() >= n && out.compare(out.size() - n, n, kSpace) == 0)
+        out.resize(out.size() - n);
+    }
+    return out;
+  }
+
   std::vector<float> scores_;
+  bool remove_extra_whitespaces_;
   SpmBpe bpe_;
 };
 
@@ -561,40 +479,10 @@ std::optional<int32_t> checked_id(const std::optional<int32_t>& id, size_t n, co
   return id;
 }
 
-}  // namespace
-
-std::unique_ptr<Tokenizer> load_sentencepiece(const std::string& model_path) {
-  const std::string data = read_file(model_path);
-  auto processor = std::make_unique<sentencepiece::SentencePieceProcessor>();
-  const auto status =
-      processor->LoadFromSerializedProto(absl::string_view(data.data(), data.size()));
-  if (!status.ok()) {
-    throw TokenizerError(model_path + ": not a SentencePiece model: " + status.ToString());
-  }
-  const std::optional<ModelProtoInfo> info = read_model_proto(data);
-  const auto n = static_cast<size_t>(processor->GetPieceSize());
-  if (!info || info->types.size() != n) {
-    throw TokenizerError(model_path + ": pieces: cannot read the piece types");
-  }
-  SpmVocab vocab;
-  for (size_t i = 0; i < n; ++i) vocab.pieces.push_back(processor->IdToPiece(static_cast<int>(i)));
-  vocab.types = info->types;
-  vocab.index();
-
-  SpecialConfig config;
-  config.bos = valid_id(processor->bos_id());
-  config.eos = valid_id(processor->eos_id());
-  config.pad = valid_id(processor->pad_id());
-  config.unk = valid_id(processor->unk_id());
-  config.add_dummy_prefix = info->add_dummy_prefix;
-  apply_tokenizer_config(model_path, vocab, config);
-  return std::make_unique<SentencePieceModelTokenizer>(std::move(processor), std::move(vocab),
-                                                       config);
-}
-
-namespace detail {
-
-std::unique_ptr<Tokenizer> sentencepiece_from_vocab(const VocabSpec& spec) {
+// The tokenizer of a SentencePiece BPE vocabulary. `config_file`, when not empty, is the
+// tokenizer file whose directory may hold a tokenizer_config.json.
+std::unique_ptr<Tokenizer> spm_from_vocab(const VocabSpec& spec, const SpmOptions& options,
+                                          const std::string& config_file) {
   const size_t n = spec.tokens.size();
   if (n == 0) vocab_error("tokenizer.ggml.tokens", "empty");
   if (spec.scores.size() != n) {
@@ -622,14 +510,193 @@ std::unique_ptr<Tokenizer> sentencepiece_from_vocab(const VocabSpec& spec) {
   config.eos = checked_id(spec.eos_id, n, "tokenizer.ggml.eos_token_id");
   config.pad = checked_id(spec.pad_id, n, "tokenizer.ggml.padding_token_id");
   config.unk = checked_id(spec.unk_id, n, "tokenizer.ggml.unknown_token_id");
-  if (!config.unk) {
+  if (!config.unk && !options.unknown_id) {
     const auto it = std::find(vocab.types.begin(), vocab.types.end(), PieceType::kUnknown);
     if (it != vocab.types.end()) config.unk = static_cast<int32_t>(it - vocab.types.begin());
   }
   config.add_bos = spec.add_bos;
   config.add_eos = spec.add_eos;
   config.add_dummy_prefix = spec.add_space_prefix;
-  return std::make_unique<SpmVocabTokenizer>(std::move(vocab), spec.scores, config);
+  if (!config_file.empty()) apply_tokenizer_config(config_file, vocab, config);
+  return std::make_unique<SpmVocabTokenizer>(std::move(vocab), spec.scores, config, options);
+}
+
+// ---------------------------------------------------------------------------------------------
+// tokenizer.model
+
+// protobuf refuses messages of 2 GiB and more; real SentencePiece models are a few MB.
+constexpr size_t kMaxModelBytes = size_t{1} << 30;
+
+std::string read_file(const std::string& path) {
+  struct stat st;
+  if (::stat(path.c_str(), &st) != 0) {
+    throw TokenizerError(path + ": cannot open: " + std::strerror(errno));
+  }
+  if (S_ISDIR(st.st_mode)) throw TokenizerError(path + ": cannot open: is a directory");
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw TokenizerError(path + ": cannot open: " + std::strerror(errno));
+  std::string data;
+  char chunk[1 << 16];
+  while (in) {
+    in.read(chunk, sizeof chunk);
+    data.append(chunk, static_cast<size_t>(in.gcount()));
+    if (data.size() > kMaxModelBytes) {
+      throw TokenizerError(path + ": not a SentencePiece model: larger than 1 GiB");
+    }
+  }
+  if (in.bad()) throw TokenizerError(path + ": read failed");
+  return data;
+}
+
+const char* model_type_name(int32_t type) {
+  switch (type) {
+    case detail::SpmModelProto::kUnigram:
+      return "UNIGRAM";
+    case detail::SpmModelProto::kBpe:
+      return "BPE";
+    case detail::SpmModelProto::kWord:
+      return "WORD";
+    case detail::SpmModelProto::kChar:
+      return "CHAR";
+    default:
+      return nullptr;
+  }
+}
+
+[[noreturn]] void model_error(const std::string& path, const std::string& what) {
+  throw TokenizerError(path + ": " + what);
+}
+
+// Checks that the model is one this implementation encodes exactly as libsentencepiece does,
+// and that libsentencepiece would load it (model_interface.cc's InitializePieces). Returns the
+// index of every piece.
+std::unordered_map<std::string, int32_t> check_model(const detail::SpmModelProto& m,
+                                                     const std::string& path) {
+  using Proto = detail::SpmModelProto;
+  // A file cut short where a message ends parses; what it lacks then tells.
+  if (m.pieces.empty()) model_error(path, "not a SentencePiece model: no pieces");
+  if (!m.has_trainer_spec)
+    model_error(path, "not a SentencePiece model: no trainer_spec (a truncated file?)");
+  if (!m.has_normalizer_spec) {
+    model_error(path, "not a SentencePiece model: no normalizer_spec (a truncated file?)");
+  }
+  if (m.model_type != Proto::kBpe) {
+    const char* name = model_type_name(m.model_type);
+    model_error(path,
+                "trainer_spec.model_type: " +
+                    (name ? std::string(name) : "unknown type " + std::to_string(m.model_type)) +
+                    " models are not supported, only BPE models (as Llama 2 and Mistral use)");
+  }
+  if (!m.precompiled_charsmap.empty()) {
+    model_error(
+        path,
+        "normalizer_spec: the normalization rule \"" + m.normalizer_name + "\" (a " +
+            std::to_string(m.precompiled_charsmap.size()) +
+            "-byte precompiled_charsmap) is not supported, only \"identity\" (no normalization, as "
+            "Llama 2 and Mistral use)");
+  }
+  if (!m.escape_whitespaces) {
+    model_error(
+        path,
+        "normalizer_spec.escape_whitespaces: false is not supported (spaces must become \"▁\")");
+  }
+  if (m.treat_whitespace_as_suffix) {
+    model_error(path, "trainer_spec.treat_whitespace_as_suffix: true is not supported");
+  }
+  if (m.pieces.size() > static_cast<size_t>(INT32_MAX))
+    model_error(path, "pieces: too many pieces");
+
+  std::unordered_map<std::string, int32_t> ids;
+  ids.reserve(m.pieces.size());
+  std::array<bool, 256> bytes{};
+  std::optional<size_t> unknown;
+  for (size_t i = 0; i < m.pieces.size(); ++i) {
+    const Proto::Piece& p = m.pieces[i];
+    const std::string where = "pieces[" + std::to_string(i) + "]";
+    const std::string named = where + " \"" + p.piece + "\"";
+    if (p.piece.empty()) model_error(path, where + ": empty piece");
+    if (p.type < Proto::kNormal || p.type > Proto::kByte) {
+      model_error(path, named + ": unknown type " + std::to_string(p.type));
+    }
+    if (std::isnan(p.score)) model_error(path, named + ": the score is NaN");
+    const auto [it, inserted] = ids.emplace(p.piece, static_cast<int32_t>(i));
+    if (!inserted)
+      model_error(path, named + ": the same piece as pieces[" + std::to_string(it->second) + "]");
+    if (p.type == Proto::kUnknown) {
+      if (unknown)
+        model_error(path,
+                    named + ": a second unknown piece (pieces[" + std::to_string(*unknown) + "])");
+      unknown = i;
+    }
+    if (p.type == Proto::kByte) {
+      if (!m.byte_fallback)
+        model_error(path, named + ": a byte piece, but trainer_spec.byte_fallback is false");
+      int b = -1;
+      for (int v = 0; v < 256 && b < 0; ++v) {
+        if (p.piece == byte_piece(static_cast<unsigned char>(v))) b = v;
+      }
+      if (b < 0) model_error(path, named + ": a byte piece not named <0xXX>");
+      bytes[static_cast<size_t>(b)] = true;
+    }
+  }
+  if (!unknown) model_error(path, "pieces: no unknown piece (type UNKNOWN)");
+  if (m.byte_fallback && std::find(bytes.begin(), bytes.end(), false) != bytes.end()) {
+    model_error(
+        path,
+        "trainer_spec.byte_fallback is true, but the 256 byte pieces <0x00>..<0xFF> are not all "
+        "there");
+  }
+  return ids;
+}
+
+}  // namespace
+
+std::unique_ptr<Tokenizer> load_sentencepiece(const std::string& model_path) {
+  using Proto = detail::SpmModelProto;
+  const Proto proto = detail::parse_spm_model_proto(read_file(model_path), model_path);
+  const std::unordered_map<std::string, int32_t> ids = check_model(proto, model_path);
+
+  VocabSpec spec;
+  spec.model = "llama";
+  const size_t n = proto.pieces.size();
+  spec.tokens.reserve(n);
+  spec.scores.reserve(n);
+  spec.token_types.reserve(n);
+  std::optional<int32_t> unknown;
+  for (size_t i = 0; i < n; ++i) {
+    spec.tokens.push_back(proto.pieces[i].piece);
+    spec.scores.push_back(proto.pieces[i].score);
+    spec.token_types.push_back(proto.pieces[i].type);
+    if (proto.pieces[i].type == Proto::kUnknown) unknown = static_cast<int32_t>(i);
+  }
+  // libsentencepiece's unk_id(), bos_id(), ...: the piece trainer_spec names (an empty name
+  // means the default), when it has the expected type.
+  auto named = [&](const std::string& name, const char* default_name,
+                   int32_t type) -> std::optional<int32_t> {
+    const auto it = ids.find(name.empty() ? std::string(default_name) : name);
+    if (it == ids.end() || proto.pieces[it->second].type != type) return std::nullopt;
+    return it->second;
+  };
+  spec.unk_id = named(proto.unk_piece, "<unk>", Proto::kUnknown);
+  spec.bos_id = named(proto.bos_piece, "<s>", Proto::kControl);
+  spec.eos_id = named(proto.eos_piece, "</s>", Proto::kControl);
+  spec.pad_id = named(proto.pad_piece, "<pad>", Proto::kControl);
+  spec.add_bos = true;  // Llama 2 and Mistral start with <s>; tokenizer_config.json may say not
+  spec.add_eos = false;
+  spec.add_space_prefix = proto.add_dummy_prefix;
+
+  SpmOptions options;
+  options.remove_extra_whitespaces = proto.remove_extra_whitespaces;
+  options.fuse_unknown = true;
+  options.freeze_user_defined = true;
+  options.unknown_id = unknown;
+  return spm_from_vocab(spec, options, model_path);
+}
+
+namespace detail {
+
+std::unique_ptr<Tokenizer> sentencepiece_from_vocab(const VocabSpec& spec) {
+  return spm_from_vocab(spec, SpmOptions{}, std::string());
 }
 
 }  // namespace detail

@@ -6,11 +6,13 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "qlora/tokenizers/tokenizer.h"
@@ -482,6 +484,258 @@ TEST(GgufVocab, SentencePieceErrors) {
   spec.token_types[5] = 9;
   expect_error([&] { tk::tokenizer_from_vocab(spec); },
                "tokenizer.ggml.token_type[5]: unknown type 9");
+}
+
+// ---- SentencePiece tokenizer.model files, written here byte by byte ----
+
+// Just enough of protobuf's encoder to write sentencepiece.ModelProto files.
+std::string pb_varint(uint64_t v) {
+  std::string out;
+  do {
+    out += static_cast<char>((v & 0x7F) | (v > 0x7F ? 0x80 : 0));
+    v >>= 7;
+  } while (v != 0);
+  return out;
+}
+std::string pb_key(int field, int wire_type) {
+  return pb_varint(static_cast<uint64_t>(field) << 3 | static_cast<uint64_t>(wire_type));
+}
+std::string pb_uint(int field, uint64_t v) { return pb_key(field, 0) + pb_varint(v); }
+std::string pb_bytes(int field, const std::string& s) {
+  return pb_key(field, 2) + pb_varint(s.size()) + s;
+}
+std::string pb_float(int field, float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  std::string out = pb_key(field, 5);
+  for (int i = 0; i < 4; ++i) out += static_cast<char>(bits >> (8 * i) & 0xFF);
+  return out;
+}
+
+// The three parts of a ModelProto: the pieces (fields 1), and the bodies of trainer_spec and
+// normalizer_spec.
+struct SpmFile {
+  std::string pieces, trainer, normalizer;
+  std::string bytes() const { return pieces + pb_bytes(2, trainer) + pb_bytes(3, normalizer); }
+};
+
+std::string piece_message(const std::string& piece, float score, int type) {
+  return pb_bytes(1, piece) + pb_float(2, score) + pb_uint(3, static_cast<uint64_t>(type));
+}
+
+// The tokenizer.model of a vocabulary, as the trainer writes Llama 2's: BPE, byte fallback,
+// the "identity" normalizer with the dummy prefix and without remove_extra_whitespaces.
+SpmFile spm_file(const tk::VocabSpec& spec, bool byte_fallback = true) {
+  SpmFile f;
+  for (size_t i = 0; i < spec.tokens.size(); ++i) {
+    f.pieces += pb_bytes(1, piece_message(spec.tokens[i], spec.scores[i], spec.token_types[i]));
+  }
+  f.trainer = pb_bytes(2, "tokenizer") + pb_uint(3, 2) + pb_uint(35, byte_fallback ? 1 : 0) +
+              pb_uint(40, 0) + pb_uint(41, 1) + pb_uint(42, 2) +
+              pb_uint(43, static_cast<uint64_t>(-1));  // pad_id -1: a 10-byte varint
+  f.normalizer = pb_bytes(1, "identity") + pb_uint(3, 1) + pb_uint(4, 0) + pb_uint(5, 1);
+  return f;
+}
+
+TEST(SentencePieceModel, EncodesAsTheSameGgufVocabulary) {
+  TempDir dir;
+  const tk::VocabSpec spec = llama_spec();
+  const auto t = tk::load_sentencepiece(dir.write("tokenizer.model", spm_file(spec).bytes()));
+  const auto g = tk::tokenizer_from_vocab(spec);
+  for (const std::string text :
+       {"abc", "ab</s>ab", "ab\xC3\xA9 c", " a  bc ", "<s><unk>x", "\xFF"}) {
+    for (const bool special : {true, false}) {
+      EXPECT_EQ(t->encode(text, special), g->encode(text, special)) << text;
+    }
+    EXPECT_EQ(t->decode(t->encode(text)), g->decode(g->encode(text))) << text;
+  }
+  EXPECT_EQ(t->encode("abc"), Ids({1, id_of(*t,
+                                            "\xE2\x96\x81"
+                                            "abc")}));
+  EXPECT_EQ(t->vocab_size(), spec.tokens.size());
+  EXPECT_EQ(t->bos_id(), 1);
+  EXPECT_EQ(t->eos_id(), 2);
+  EXPECT_EQ(t->unk_id(), 0);
+  EXPECT_EQ(t->pad_id(), std::nullopt);
+  EXPECT_TRUE(t->add_bos());
+  EXPECT_FALSE(t->add_eos());
+  EXPECT_TRUE(t->is_special(2));
+}
+
+TEST(SentencePieceModel, SkipsUnknownFieldsOfEveryWireType) {
+  TempDir dir;
+  const std::string unknown = pb_uint(99, 7) + pb_key(98, 1) + std::string(8, '\x01') +
+                              pb_bytes(97, "xyz") + pb_float(96, 1.5f) + pb_uint(50000, 1);
+  SpmFile f = spm_file(llama_spec());
+  f.trainer += unknown;
+  f.normalizer = unknown + f.normalizer;
+  const size_t unk_size = pb_bytes(1, piece_message("<unk>", 0, 2)).size();
+  f.pieces = pb_bytes(1, piece_message("<unk>", 0, 2) + unknown) + f.pieces.substr(unk_size);
+  const auto t = tk::load_sentencepiece(dir.write("a.model", unknown + f.bytes() + unknown));
+  EXPECT_EQ(t->encode("abc", false), Ids({id_of(*t,
+                                                "\xE2\x96\x81"
+                                                "abc")}));
+  EXPECT_EQ(t->vocab_size(), llama_spec().tokens.size());
+}
+
+TEST(SentencePieceModel, NormalizerSpec) {
+  TempDir dir;
+  const std::string space = "\xE2\x96\x81";
+  SpmFile f = spm_file(llama_spec());
+  const auto llama = tk::load_sentencepiece(dir.write("llama.model", f.bytes()));
+  EXPECT_NE(llama->encode("  a   bc  ", false), llama->encode("a bc", false));
+
+  // add_dummy_prefix false: no "▁" before the text.
+  f.normalizer = pb_bytes(1, "identity") + pb_uint(3, 0) + pb_uint(4, 0);
+  const auto no_prefix = tk::load_sentencepiece(dir.write("no_prefix.model", f.bytes()));
+  EXPECT_EQ(no_prefix->encode("abc", false),
+            Ids({id_of(*no_prefix, "a"), id_of(*no_prefix, "bc")}));
+  EXPECT_EQ(no_prefix->decode({id_of(*no_prefix, space + "a")}), " a");  // nothing stripped
+
+  // remove_extra_whitespaces (true when absent): leading, trailing and repeated spaces go.
+  f.normalizer = pb_bytes(1, "identity");
+  const auto collapsing = tk::load_sentencepiece(dir.write("collapsing.model", f.bytes()));
+  EXPECT_EQ(collapsing->encode("  a   bc  ", false), llama->encode("a bc", false));
+  EXPECT_EQ(collapsing->encode("   ", false), Ids({}));
+  EXPECT_EQ(collapsing->encode("  abc", false), Ids({id_of(*collapsing, space + "abc")}));
+}
+
+TEST(SentencePieceModel, TokenizerConfigNextToTheModel) {
+  TempDir dir;
+  const std::string path = dir.write("tokenizer.model", spm_file(llama_spec()).bytes());
+  dir.write("tokenizer_config.json",
+            json{{"add_bos_token", false}, {"add_eos_token", true}, {"pad_token", "</s>"}}.dump());
+  const auto t = tk::load_sentencepiece(path);
+  EXPECT_FALSE(t->add_bos());
+  EXPECT_TRUE(t->add_eos());
+  EXPECT_EQ(t->pad_id(), 2);
+  EXPECT_EQ(t->encode("abc"), Ids({id_of(*t,
+                                         "\xE2\x96\x81"
+                                         "abc"),
+                                   2}));
+}
+
+// Where libsentencepiece and llama.cpp differ, a tokenizer.model follows libsentencepiece.
+TEST(SentencePieceModel, FollowsLibsentencepieceWhereLlamaCppDiffers) {
+  TempDir dir;
+  tk::VocabSpec spec;
+  spec.model = "llama";
+  const std::string space = "\xE2\x96\x81";
+  const std::vector<std::tuple<std::string, float, int>> pieces = {
+      {"<unk>", 0, 2},        {"<s>", 0, 3},  {"</s>", 0, 3}, {space + space, 0, 4},
+      {space + "a", 1.0f, 1}, {space, -5, 1}, {"a", -5, 1},   {"b", -5, 1}};
+  for (const auto& [piece, score, type] : pieces) {
+    spec.tokens.push_back(piece);
+    spec.scores.push_back(score);
+    spec.token_types.push_back(type);
+  }
+  spec.unk_id = 0;
+  const auto t = tk::load_sentencepiece(dir.write("t.model", spm_file(spec, false).bytes()));
+  const auto g = tk::tokenizer_from_vocab(spec);
+  // A user-defined piece in the normalized text is one symbol that never merges.
+  EXPECT_EQ(t->encode(" a", false), Ids({3, 6}));
+  EXPECT_EQ(g->encode(" a", false), Ids({5, 4}));
+  // Without byte fallback, a run of unknown characters is one <unk>.
+  EXPECT_EQ(t->encode("a\xC3\xA9\xC3\xA9", false), Ids({4, 0}));
+  EXPECT_EQ(g->encode("a\xC3\xA9\xC3\xA9", false), Ids({4, 0, 0}));
+  EXPECT_EQ(t->encode("\xC3\xA9"
+                      "a\xC3\xA9",
+                      false),
+            Ids({5, 0, 6, 0}));
+}
+
+TEST(SentencePieceModel, MalformedFilesNameTheByte) {
+  TempDir dir;
+  const std::string path = dir.write("tokenizer.model", "");
+  auto load_bytes = [&](const std::string& bytes) {
+    dir.write("tokenizer.model", bytes);
+    tk::load_sentencepiece(path);
+  };
+  const std::string prefix = path + ": not a SentencePiece model: ";
+  const SpmFile f = spm_file(llama_spec());
+  const std::string good = f.bytes();
+
+  // Truncated: normalizer_spec's length runs past the end of the file.
+  const size_t normalizer_length_at = f.pieces.size() + pb_bytes(2, f.trainer).size() + 1;
+  expect_error([&] { load_bytes(good.substr(0, good.size() - 2)); },
+               prefix + "byte " + std::to_string(normalizer_length_at) +
+                   ": ModelProto.normalizer_spec: length " + std::to_string(f.normalizer.size()) +
+                   " runs past the end of the message (" + std::to_string(f.normalizer.size() - 2) +
+                   " bytes left)");
+  // Truncated where a message ends: what is missing is named.
+  expect_error([&] { load_bytes(f.pieces); }, prefix + "no trainer_spec");
+  expect_error([&] { load_bytes(f.pieces + pb_bytes(2, f.trainer)); },
+               prefix + "no normalizer_spec");
+  expect_error([&] { load_bytes(""); }, prefix + "no pieces");
+  // Truncated inside a varint, and inside a fixed32 of a piece.
+  expect_error([&] { load_bytes(good + pb_key(9, 0) + "\x80"); },
+               prefix + "byte " + std::to_string(good.size() + 1) +
+                   ": ModelProto field 9: truncated varint");
+  expect_error(
+      [&] { load_bytes(pb_bytes(1, pb_bytes(1, "a") + pb_key(2, 5) + "\x01\x02") + good); },
+      prefix + "byte 6: pieces[0].score: truncated 32-bit value (2 bytes left in the message)");
+
+  // Bad varints: longer than 10 bytes, or a 10th byte above 1.
+  expect_error([&] { load_bytes(std::string(11, '\xFF')); },
+               prefix + "byte 0: ModelProto: varint longer than 64 bits");
+  expect_error([&] { load_bytes(pb_key(9, 0) + std::string(9, '\x80') + "\x02"); },
+               prefix + "byte 1: ModelProto field 9: varint longer than 64 bits");
+
+  // Wrong wire types: for a known field, and ones protobuf does not have (or we do not read).
+  expect_error([&] { load_bytes(pb_bytes(1, pb_bytes(1, "a") + pb_uint(2, 5)) + good); },
+               prefix + "byte 5: pieces[0].score: wire type 0 (varint), expected 5 (32-bit)");
+  expect_error([&] { load_bytes(pb_uint(2, 1) + good); },
+               prefix + "byte 0: ModelProto.trainer_spec: wire type 0 (varint), expected 2");
+  expect_error([&] { load_bytes(good + pb_key(7, 3)); },
+               prefix + "byte " + std::to_string(good.size()) +
+                   ": ModelProto field 7: groups (wire type 3/4) are not supported");
+  expect_error([&] { load_bytes(pb_key(7, 6) + good); },
+               prefix + "byte 0: ModelProto field 7: invalid wire type 6");
+  expect_error([&] { load_bytes(pb_key(0, 0) + good); },
+               prefix + "byte 0: ModelProto: invalid field number 0");
+}
+
+TEST(SentencePieceModel, UnsupportedModelsAreRefused) {
+  TempDir dir;
+  const std::string path = dir.write("tokenizer.model", "");
+  auto load_file = [&](const SpmFile& f) {
+    dir.write("tokenizer.model", f.bytes());
+    tk::load_sentencepiece(path);
+  };
+  SpmFile f = spm_file(llama_spec());
+  f.trainer += pb_uint(3, 1);  // the last value of a field wins
+  expect_error([&] { load_file(f); },
+               path + ": trainer_spec.model_type: UNIGRAM models are not supported");
+  f.trainer = pb_uint(35, 1);  // model_type absent: UNIGRAM, protobuf's default
+  expect_error([&] { load_file(f); }, "UNIGRAM models are not supported");
+  f.trainer = pb_uint(3, 4) + pb_uint(35, 1);
+  expect_error([&] { load_file(f); }, "CHAR models are not supported");
+
+  f = spm_file(llama_spec());
+  f.normalizer = pb_bytes(1, "nmt_nfkc") + pb_bytes(2, std::string(64, '\x01'));
+  expect_error([&] { load_file(f); },
+               path +
+                   ": normalizer_spec: the normalization rule \"nmt_nfkc\" (a 64-byte "
+                   "precompiled_charsmap) is not supported");
+  f.normalizer = pb_uint(5, 0);
+  expect_error([&] { load_file(f); }, "normalizer_spec.escape_whitespaces: false is not supported");
+  f = spm_file(llama_spec());
+  f.trainer += pb_uint(24, 1);
+  expect_error([&] { load_file(f); }, "treat_whitespace_as_suffix: true is not supported");
+
+  // Pieces libsentencepiece refuses too.
+  f = spm_file(llama_spec(), false);
+  expect_error([&] { load_file(f); },
+               "pieces[3] \"<0x00>\": a byte piece, but trainer_spec.byte_fallback is false");
+  f = spm_file(llama_spec());
+  f.pieces += pb_bytes(1, piece_message("ab", 0, 1));
+  expect_error([&] { load_file(f); }, "\"ab\": the same piece as pieces[");
+  f = spm_file(llama_spec());
+  f.pieces += pb_bytes(1, piece_message("zz", 0, 9));
+  expect_error([&] { load_file(f); }, "\"zz\": unknown type 9");
+  f = spm_file(llama_spec());
+  f.pieces = f.pieces.substr(pb_bytes(1, piece_message("<unk>", 0, 2)).size());  // no <unk>
+  expect_error([&] { load_file(f); }, path + ": pieces: no unknown piece");
 }
 
 }  // namespace

@@ -580,18 +580,26 @@ def test_qwen2_style_gguf_vocab(tool, qwen2, corpus):
 
 USER_DEFINED = ["<tool>", "<|im_start|>"]
 
+# Llama 2's trainer settings.
+LLAMA2_TRAINING = dict(
+    model_type="bpe", vocab_size=4000, hard_vocab_limit=False, character_coverage=0.995,
+    byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+    remove_extra_whitespaces=False, add_dummy_prefix=True, allow_whitespace_only_pieces=True,
+    user_defined_symbols=USER_DEFINED, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
+    minloglevel=2)
+
+
+def train_sentencepiece(out, **settings):
+    lines = [line for text in training_corpus(3) for line in text.splitlines() if line.strip()]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(out / "tokenizer"),
+                                   **dict(LLAMA2_TRAINING, **settings))
+    return out / "tokenizer.model"
+
 
 @pytest.fixture(scope="module")
 def llama2(tmp_path_factory):
     out = tmp_path_factory.mktemp("llama2")
-    lines = [line for text in training_corpus(3) for line in text.splitlines() if line.strip()]
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(out / "tokenizer"), model_type="bpe",
-        vocab_size=4000, hard_vocab_limit=False, character_coverage=0.995, byte_fallback=True,
-        split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        add_dummy_prefix=True, allow_whitespace_only_pieces=True, user_defined_symbols=USER_DEFINED,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
-    model = out / "tokenizer.model"
+    model = train_sentencepiece(out)
     sp = spm.SentencePieceProcessor(model_file=str(model))
     n = sp.get_piece_size()
     pieces = [sp.id_to_piece(i) for i in range(n)]
@@ -655,11 +663,11 @@ def hf_llama_json(directory, pieces, scores, types, legacy):
     return path
 
 
-def plain_texts(corpus, sp):
+def plain_texts(corpus, sp, user_defined=USER_DEFINED):
     """Texts sentencepiece itself encodes like a Hugging Face tokenizer: no special or
     user-defined piece written in them."""
     specials = [sp.id_to_piece(i) for i in range(sp.get_piece_size())
-                if sp.is_control(i) or sp.is_unknown(i)] + USER_DEFINED
+                if sp.is_control(i) or sp.is_unknown(i)] + user_defined
     return [t for t in corpus if not any(s in t for s in specials)]
 
 
@@ -756,7 +764,52 @@ def test_llama2_style_unused_pieces(tool, llama2, corpus, tmp_path):
     expected = [reference.encode(t) for t in texts]
     assert expected != [sp.encode(t) for t in texts]  # the unused pieces matter
     assert_same(tool.encode(source, texts, False), expected, texts, "sentencepiece, unused pieces")
-    assert_same(tool.encode(model, texts, False), expected, texts, "libsentencepiece, unused pieces")
+    assert_same(tool.encode(model, texts, False), expected, texts, "tokenizer.model, unused pieces")
+
+
+# tokenizer.model settings that Llama 2 does not use, but qlora's reader of .model files
+# (which does not use libsentencepiece) supports.
+SPM_VARIANTS = {
+    "remove_extra_whitespaces": dict(remove_extra_whitespaces=True),
+    "no_byte_fallback": dict(byte_fallback=False, character_coverage=0.98),
+    "no_byte_fallback_collapsing": dict(byte_fallback=False, character_coverage=0.98,
+                                        remove_extra_whitespaces=True),
+    "no_dummy_prefix": dict(add_dummy_prefix=False),
+    # user-defined pieces with "▁" stay whole where spaces make them
+    "whitespace_user_defined": dict(user_defined_symbols=["<tool>", "▁▁", "▁<x>", "a▁b", "e▁"]),
+    "renamed_specials": dict(bos_piece="<BOS>", eos_piece="<EOS>", unk_piece="<UNK>", pad_id=3,
+                             pad_piece="<PAD>"),
+}
+WHITESPACE_TEXTS = ["  a  b  ", "   ", " ", "▁", "a▁", "▁▁x▁▁", "x  ▁  y", "a▁b c", "  ▁  ", " <x>",
+                    "a  <x>  b", "e  e ", "\u3000 a", "a\t b"]
+
+
+@pytest.mark.parametrize("variant", sorted(SPM_VARIANTS))
+def test_sentencepiece_model_variants(tool, corpus, tmp_path, variant):
+    settings = SPM_VARIANTS[variant]
+    model = train_sentencepiece(tmp_path, **settings)
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    texts = plain_texts(corpus + WHITESPACE_TEXTS, sp,
+                        settings.get("user_defined_symbols", USER_DEFINED))
+    expected = [sp.encode(t) for t in texts]
+    assert_same(tool.encode(model, texts, False), expected, texts, "sentencepiece")
+    assert_same(tool.encode(model, texts, True), [[sp.bos_id()] + e for e in expected], texts,
+                "sentencepiece with BOS")
+    info = tool.info(model)
+    ids = (sp.bos_id(), sp.eos_id(), sp.pad_id(), sp.unk_id())
+    assert (info["bos_id"], info["eos_id"], info["pad_id"], info["unk_id"]) == tuple(
+        None if i < 0 else i for i in ids)
+    assert info["vocab_size"] == sp.get_piece_size()
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(model_type="unigram"), "trainer_spec.model_type: UNIGRAM models are not supported"),
+    (dict(normalization_rule_name="nmt_nfkc"), 'the normalization rule "nmt_nfkc"'),
+])
+def test_sentencepiece_model_refused(tool, tmp_path, settings, message):
+    model = train_sentencepiece(tmp_path, **dict(settings, vocab_size=1000, byte_fallback=False))
+    proc = subprocess.run([tool.path, "info", str(model)], capture_output=True, encoding="utf-8")
+    assert proc.returncode == 1 and f"{model}: {message}" in proc.stderr, proc.stderr
 
 
 # ---------------------------------------------------------------------------------------------

@@ -102,3 +102,15 @@ std::unique_ptr<Tokenizer> load_sentencepiece(const std::string& model_path);
 std::unique_ptr<Tokenizer> tokenizer_from_vocab(const VocabSpec& spec);
 
 }  // namespace qlora::tokenizers
+
+namespace qlora::tokenizers {
+
+// The tokenizer of a model, wherever it lives: a .gguf file (its
+// tokenizer.ggml.* metadata), a tokenizer.json or tokenizer.model file, or a
+// model folder holding one of those.
+std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path);
+
+// VocabSpec from a GGUF file's tokenizer.ggml.* keys.
+VocabSpec vocab_from_gguf(const std::string& gguf_path);
+
+}  // namespace qlora::tokenizers

@@ -1,0 +1,20 @@
+// Small POSIX file-system helpers (std::filesystem is avoided: the torch
+// wheel exports its own, incompatible copies of its symbols).
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace qlora::fs {
+
+bool exists(const std::string& path);
+bool is_dir(const std::string& path);
+void make_dirs(const std::string& path);                     // mkdir -p; errors name the path
+void remove_tree(const std::string& path);                   // rm -rf; missing is fine
+std::vector<std::string> list_dir(const std::string& path);  // names, sorted
+// rename(2) and fsync of the parent folder, so the new name survives a crash.
+void rename_durably(const std::string& from, const std::string& to);
+std::string read_text(const std::string& path);
+std::string parent(const std::string& path);
+
+}  // namespace qlora::fs

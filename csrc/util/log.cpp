@@ -1,0 +1,32 @@
+#include "log.h"
+
+#include <spdlog/sinks/basic_file_sink.h>
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
+
+namespace qlora::log {
+
+namespace {
+std::shared_ptr<spdlog::logger>& logger() {
+  static std::shared_ptr<spdlog::logger> l = [] {
+    auto sink = std::make_shared<spdlog::sinks::stderr_color_sink_mt>();
+    auto lg = std::make_shared<spdlog::logger>("qlora", sink);
+    lg->set_pattern("[%H:%M:%S] %^%l%$ %v");
+    lg->flush_on(spdlog::level::info);
+    return lg;
+  }();
+  return l;
+}
+}  // namespace
+
+void info(const std::string& message) { logger()->info(message); }
+void warn(const std::string& message) { logger()->warn(message); }
+void error(const std::string& message) { logger()->error(message); }
+
+void add_file(const std::string& path) {
+  auto sink = std::make_shared<spdlog::sinks::basic_file_sink_mt>(path, /*truncate=*/false);
+  sink->set_pattern("[%Y-%m-%d %H:%M:%S] %l %v");
+  logger()->sinks().push_back(sink);
+}
+
+}  // namespace qlora::log

@@ -1,0 +1,82 @@
+// The trainer's configuration: a YAML file (configs/*.yaml) plus
+// `--set section.key=value` overrides. Unknown or mistyped keys are errors
+// that list the valid ones; the resolved config is written with every run
+// and checkpoint.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace qlora::train {
+
+struct TrainConfig {
+  struct Model {
+    std::string path;  // HF folder, bnb-4bit folder or .gguf file
+    std::string format = "auto";
+    std::string tokenizer;  // default: the model path
+    bool quantize = true;   // QLoRA (4-bit base) or plain LoRA
+    std::string quant_type = "nf4";
+    int64_t blocksize = 64;
+    bool double_quant = true;
+    std::string compute_dtype = "float32";  // float32 | bfloat16 | float16
+  } model;
+  struct Lora {
+    int64_t r = 8;
+    double alpha = 16;
+    double dropout = 0.05;
+    std::vector<std::string> targets = {"all-linear"};
+    bool rslora = false;
+    bool dora = false;
+  } lora;
+  struct Data {
+    std::string train;
+    std::string eval;  // optional; else eval_split of train
+    std::string format = "auto";
+    std::string template_name = "alpaca";  // key "template"
+    int64_t max_length = 512;
+    bool packing = false;
+    double eval_split = 0.0;
+    int64_t eval_max_examples = 0;  // 0: all
+    bool strict = true;
+  } data;
+  struct Training {
+    int64_t epochs = 1;
+    int64_t max_steps = -1;  // > 0 overrides epochs
+    int64_t micro_batch_size = 4;
+    int64_t gradient_accumulation_steps = 1;
+    double lr = 2e-4;
+    std::string scheduler = "cosine";  // constant | linear | cosine
+    int64_t warmup_steps = 0;
+    double weight_decay = 0.0;
+    double max_grad_norm = 1.0;                  // <= 0: no clipping
+    std::string optimizer = "paged_adamw_8bit";  // paged_adamw_32bit | paged_adamw_8bit | adamw
+    bool gradient_checkpointing = false;
+    int64_t seed = 42;
+    int64_t eval_every = 0;  // 0: only before and after training
+    int64_t save_every = 0;  // 0: only at the end
+    int64_t keep_last = 2;
+    int64_t log_every = 1;
+    int64_t max_consecutive_nonfinite = 5;
+    int64_t threads = 0;  // 0: the machine's cores
+  } training;
+  struct Generation {
+    std::vector<std::string> prompts;  // instructions shown before and after training
+    int64_t max_new_tokens = 48;
+  } generation;
+  std::string output_dir = "runs/qlora";
+  std::string resume = "auto";  // auto | none | a checkpoint directory
+
+  // Parses `path`, then applies "key=value" overrides (YAML values, so
+  // lists read as [a, b]). Errors name the file, the key and what was
+  // expected, or list the valid keys.
+  static TrainConfig from_yaml_file(const std::string& path,
+                                    const std::vector<std::string>& overrides = {});
+  static TrainConfig from_yaml_string(const std::string& text,
+                                      const std::vector<std::string>& overrides = {},
+                                      const std::string& source = "<string>");
+  std::string to_yaml() const;
+  static std::vector<std::string> valid_keys();
+};
+
+}  // namespace qlora::train

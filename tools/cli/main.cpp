@@ -1,0 +1,107 @@
+// qlora: the command-line front end.
+//   qlora train CONFIG [--set key=value ...]
+//   qlora eval CONFIG [--adapter DIR] [--set ...]
+//   qlora generate CONFIG --prompt TEXT [--adapter DIR] [--max-new-tokens N] [--set ...]
+//   qlora inspect FILE
+// Exit codes: 0 success, 1 runtime error (named file/key in the message), 2 usage.
+#include <CLI/CLI.hpp>
+#include <c10/util/Exception.h>
+
+#include <cstdio>
+#include <iomanip>
+#include <iostream>
+
+#include "inspect.h"
+#include "qlora/train/trainer.h"
+
+namespace {
+
+using qlora::train::TrainConfig;
+using qlora::train::Trainer;
+
+void print_generations(const char* title, const std::vector<std::pair<std::string, std::string>>& g) {
+  if (g.empty()) return;
+  std::cout << title << "\n";
+  for (const auto& [prompt, text] : g) std::cout << "  > " << prompt << "\n    " << text << "\n";
+}
+
+int train(const std::string& config_path, const std::vector<std::string>& sets) {
+  Trainer trainer(TrainConfig::from_yaml_file(config_path, sets));
+  const auto s = trainer.run();
+  std::cout << std::fixed << std::setprecision(4) << "\n== qlora train: done ==\n"
+            << "held-out eval loss: before " << s.eval_loss_before << "  after " << s.eval_loss_after
+            << "  (" << std::setprecision(1)
+            << 100.0 * (s.eval_loss_before - s.eval_loss_after) / s.eval_loss_before << "% lower)\n"
+            << "steps " << s.steps << " (skipped " << s.skipped_steps << ")"
+            << (s.resumed_from_step ? ", resumed from step " + std::to_string(s.resumed_from_step) : "")
+            << "\ntraining throughput " << s.tokens_per_second << " tokens/s, peak RSS "
+            << s.peak_rss_bytes / (1024.0 * 1024.0) << " MiB, wall " << s.wall_seconds << " s\n";
+  print_generations("generations before training:", s.generations_before);
+  print_generations("generations after training:", s.generations_after);
+  std::cout << "wrote:\n";
+  for (const auto& p : s.paths) std::cout << "  " << p << "\n";
+  return 0;
+}
+
+int evaluate(const std::string& config_path, const std::vector<std::string>& sets,
+             const std::string& adapter) {
+  Trainer trainer(TrainConfig::from_yaml_file(config_path, sets));
+  if (!adapter.empty()) trainer.load_adapter(adapter);
+  const double loss = trainer.evaluate();
+  std::cout << std::fixed << std::setprecision(4) << "eval loss " << loss << "  perplexity "
+            << std::exp(loss) << "\n";
+  return 0;
+}
+
+int generate(const std::string& config_path, const std::vector<std::string>& sets,
+             const std::string& adapter, const std::vector<std::string>& prompts, int64_t max_new) {
+  Trainer trainer(TrainConfig::from_yaml_file(config_path, sets));
+  if (!adapter.empty()) trainer.load_adapter(adapter);
+  for (const auto& [prompt, text] : trainer.generate(prompts, max_new))
+    std::cout << "> " << prompt << "\n" << text << "\n";
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"qlora: QLoRA fine-tuning in one native binary"};
+  app.require_subcommand(1);
+  std::string config, adapter, file;
+  std::vector<std::string> sets, prompts;
+  int64_t max_new_tokens = 48;
+
+  auto* train_cmd = app.add_subcommand("train", "fine-tune a model as a YAML config says");
+  train_cmd->add_option("config", config, "YAML config (see configs/)")->required()->check(CLI::ExistingFile);
+  train_cmd->add_option("--set", sets, "override a config key, e.g. --set training.lr=1e-4");
+
+  auto* eval_cmd = app.add_subcommand("eval", "held-out loss and perplexity of a model (+ adapter)");
+  eval_cmd->add_option("config", config, "YAML config")->required()->check(CLI::ExistingFile);
+  eval_cmd->add_option("--adapter", adapter, "PEFT adapter folder to apply");
+  eval_cmd->add_option("--set", sets, "override a config key");
+
+  auto* gen_cmd = app.add_subcommand("generate", "complete instructions with a model (+ adapter)");
+  gen_cmd->add_option("config", config, "YAML config naming the model and template")->required()->check(CLI::ExistingFile);
+  gen_cmd->add_option("--prompt", prompts, "an instruction (repeatable)")->required();
+  gen_cmd->add_option("--adapter", adapter, "PEFT adapter folder to apply");
+  gen_cmd->add_option("--max-new-tokens", max_new_tokens, "tokens to generate")->check(CLI::PositiveNumber);
+  gen_cmd->add_option("--set", sets, "override a config key");
+
+  auto* inspect_cmd = app.add_subcommand("inspect", "summarise a safetensors or GGUF file");
+  inspect_cmd->add_option("file", file, "the file")->required()->check(CLI::ExistingFile);
+
+  CLI11_PARSE(app, argc, argv);
+  try {
+    if (*train_cmd) return train(config, sets);
+    if (*eval_cmd) return evaluate(config, sets, adapter);
+    if (*gen_cmd) return generate(config, sets, adapter, prompts, max_new_tokens);
+    if (*inspect_cmd) return qlora::cli::inspect(file, std::cout);
+  } catch (const c10::Error& e) {
+    std::cerr << "qlora: error: " << e.what_without_backtrace() << "\n";
+    return 1;
+  } catch (const std::exception& e) {
+    std::cerr << "qlora: error: " << e.what() << "\n";
+    return 1;
+  }
+  return 2;
+}
