@@ -50,10 +50,13 @@ nlohmann::json config_json(const LoRAConfig& c, const AdapterMetadata& meta) {
   j["r"] = c.r;
   j["lora_alpha"] = c.alpha;
   j["lora_dropout"] = c.dropout;
-  if (c.target_regex.empty())
-    j["target_modules"] = c.target_modules;
-  else
+  // PEFT only understands "all-linear" as the whole string, not in a list.
+  if (!c.target_regex.empty())
     j["target_modules"] = c.target_regex;
+  else if (c.target_modules == std::vector<std::string>{"all-linear"})
+    j["target_modules"] = "all-linear";
+  else
+    j["target_modules"] = c.target_modules;
   j["exclude_modules"] =
       c.exclude_modules.empty() ? nlohmann::json() : nlohmann::json(c.exclude_modules);
   j["use_rslora"] = c.use_rslora;
@@ -116,9 +119,13 @@ LoRAConfig read_peft_adapter_config(const std::string& dir, AdapterMetadata* met
   c.r = field<int64_t>(j, file, "r", 8);
   c.alpha = field<double>(j, file, "lora_alpha", 8.0);
   c.dropout = field<double>(j, file, "lora_dropout", 0.0);
-  if (j.contains("target_modules") && j["target_modules"].is_string())
-    c.target_regex = j["target_modules"].get<std::string>();
-  else
+  if (j.contains("target_modules") && j["target_modules"].is_string()) {
+    const std::string t = j["target_modules"].get<std::string>();
+    if (t == "all-linear")
+      c.target_modules = {t};
+    else
+      c.target_regex = t;  // PEFT: a string is a regex over the full module name
+  } else
     c.target_modules = field<std::vector<std::string>>(j, file, "target_modules", {});
   c.exclude_modules = field<std::vector<std::string>>(j, file, "exclude_modules", {});
   c.use_rslora = field<bool>(j, file, "use_rslora", false);

@@ -138,8 +138,6 @@ void Trainer::State::setup() {
   if (prepared) return;
   prepared = true;
   const auto& c = config;
-  fs::make_dirs(c.output_dir);
-  log::add_file(c.output_dir + "/train.log");
   if (c.training.threads > 0) at::set_num_threads(static_cast<int>(c.training.threads));
   torch::manual_seed(static_cast<uint64_t>(c.training.seed));
 
@@ -171,6 +169,9 @@ void Trainer::State::setup() {
   load_data();
   build_optimizer();
   total_steps = count_total_steps();
+  // Only now that everything loaded: a failed start leaves no output behind.
+  fs::make_dirs(c.output_dir);
+  log::add_file(c.output_dir + "/train.log");
   schedule = std::make_unique<LRSchedule>(c.training.scheduler, c.training.lr,
                                           c.training.warmup_steps, total_steps);
   metrics.open(c.output_dir);
@@ -407,12 +408,22 @@ void Trainer::State::save_checkpoint() {
   prune_checkpoints();
 }
 
+// Keeps the newest keep_last complete checkpoints and removes the remains
+// of writes that a killed run cut short.
 void Trainer::State::prune_checkpoints() {
   std::vector<int64_t> steps;
-  for (const auto& name : fs::list_dir(config.output_dir))
-    if (name.rfind("checkpoint-", 0) == 0 &&
-        name.find_first_not_of("0123456789", 11) == std::string::npos)
-      steps.push_back(std::stoll(name.substr(11)));
+  for (const auto& name : fs::list_dir(config.output_dir)) {
+    const std::string path = config.output_dir + "/" + name;
+    if (name.rfind(".tmp-checkpoint-", 0) == 0) {
+      fs::remove_tree(path);
+    } else if (name.rfind("checkpoint-", 0) == 0 &&
+               name.find_first_not_of("0123456789", 11) == std::string::npos) {
+      if (fs::exists(path + "/trainer_state.json"))
+        steps.push_back(std::stoll(name.substr(11)));
+      else
+        fs::remove_tree(path);
+    }
+  }
   std::sort(steps.begin(), steps.end());
   while (static_cast<int64_t>(steps.size()) > config.training.keep_last) {
     fs::remove_tree(config.output_dir + "/" + checkpoint_name(steps.front()));

@@ -591,7 +591,8 @@ LLAMA2_TRAINING = dict(
 
 def train_sentencepiece(out, **settings):
     lines = [line for text in training_corpus(3) for line in text.splitlines() if line.strip()]
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(out / "tokenizer"),
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines),
+                                   model_prefix=str(out / "tokenizer"),
                                    **dict(LLAMA2_TRAINING, **settings))
     return out / "tokenizer.model"
 
@@ -804,10 +805,11 @@ def test_sentencepiece_model_variants(tool, corpus, tmp_path, variant):
 
 @pytest.mark.parametrize("settings, message", [
     (dict(model_type="unigram"), "trainer_spec.model_type: UNIGRAM models are not supported"),
-    (dict(normalization_rule_name="nmt_nfkc"), 'the normalization rule "nmt_nfkc"'),
+    (dict(normalization_rule_name="nmt_nfkc"),
+     'normalizer_spec: the normalization rule "nmt_nfkc"'),
 ])
 def test_sentencepiece_model_refused(tool, tmp_path, settings, message):
-    model = train_sentencepiece(tmp_path, **dict(settings, vocab_size=1000, byte_fallback=False))
+    model = train_sentencepiece(tmp_path, **settings)
     proc = subprocess.run([tool.path, "info", str(model)], capture_output=True, encoding="utf-8")
     assert proc.returncode == 1 and f"{model}: {message}" in proc.stderr, proc.stderr
 

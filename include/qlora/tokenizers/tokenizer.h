@@ -6,8 +6,10 @@
 //    conversions use it. tokenizer_config.json next to it, when present, names the bos/eos/
 //    pad/unk tokens; its add_bos_token/add_eos_token are ignored, as transformers 5 ignores
 //    them when a tokenizer.json exists (the file's post-processor decides).
-//  - load_sentencepiece: a SentencePiece tokenizer.model (Llama 2, Mistral) via libsentencepiece.
-//    BOS is added unless a tokenizer_config.json next to it says add_bos_token: false.
+//  - load_sentencepiece: a SentencePiece tokenizer.model (Llama 2, Mistral): BPE models with
+//    the "identity" normalizer, read and run here (no libsentencepiece), with the ids
+//    libsentencepiece gives. BOS is added unless a tokenizer_config.json next to it says
+//    add_bos_token: false. Other model types (unigram, ...) and normalizers are refused.
 //  - tokenizer_from_vocab: the vocabulary stored in a GGUF file (tokenizer.ggml.* keys), for
 //    models shipped without tokenizer files.
 //

@@ -1,0 +1,103 @@
+// Trainer pieces: the accumulation-normalised loss, LR schedules and config
+// validation (the end-to-end runs are in tests/python/test_trainer_cli.py).
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include "qlora/train/config.h"
+#include "qlora/train/lr_schedule.h"
+#include "qlora/train/trainer.h"
+#include "test_utils.h"
+
+namespace {
+
+using namespace qlora::train;
+using qlora::test::expect_error;
+
+TEST(TrainerLoss, AccumulatedMicroBatchesEqualOneBigBatch) {
+  torch::manual_seed(0);
+  // Uneven label counts per micro-batch: the case where per-batch means differ.
+  const at::Tensor logits = torch::randn({4, 6, 11}, torch::requires_grad());
+  at::Tensor labels = torch::randint(0, 11, {4, 6});
+  labels.index_put_({0, torch::indexing::Slice(0, 5)}, -100);  // 1 label token left... then shifted
+  labels.index_put_({2, torch::indexing::Slice(0, 2)}, -100);
+  labels.select(1, 0).fill_(-100);
+
+  const int64_t n = count_label_tokens(labels);
+  const at::Tensor big = summed_causal_lm_loss(logits, labels) / n;
+  big.backward();
+  const at::Tensor big_grad = logits.grad().clone();
+
+  logits.mutable_grad().zero_();
+  at::Tensor total = torch::zeros({});
+  for (int64_t i = 0; i < 4; ++i) {
+    const at::Tensor loss =
+        summed_causal_lm_loss(logits.narrow(0, i, 1), labels.narrow(0, i, 1)) / n;
+    loss.backward();
+    total = total + loss.detach();
+  }
+  EXPECT_TRUE(at::allclose(total, big.detach(), 1e-6, 1e-6));
+  EXPECT_TRUE(at::allclose(logits.grad(), big_grad, 1e-6, 1e-7));
+  // The mean of per-micro-batch means would differ: that is the bug this avoids.
+  double mean_of_means = 0;
+  for (int64_t i = 0; i < 4; ++i)
+    mean_of_means += (summed_causal_lm_loss(logits.narrow(0, i, 1), labels.narrow(0, i, 1)) /
+                      count_label_tokens(labels.narrow(0, i, 1)))
+                         .item<double>() /
+                     4;
+  EXPECT_GT(std::abs(mean_of_means - big.item<double>()), 1e-3);
+}
+
+TEST(TrainerLoss, MatchesCrossEntropyMeanOverShiftedLabels) {
+  torch::manual_seed(1);
+  const at::Tensor logits = torch::randn({2, 5, 7});
+  at::Tensor labels = torch::randint(0, 7, {2, 5});
+  labels[1][3] = -100;
+  const at::Tensor ref = torch::nn::functional::cross_entropy(
+      logits.narrow(1, 0, 4).reshape({-1, 7}), labels.narrow(1, 1, 4).reshape({-1}),
+      torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100));
+  EXPECT_TRUE(at::allclose(summed_causal_lm_loss(logits, labels) / count_label_tokens(labels), ref));
+}
+
+TEST(LRSchedule, WarmupThenDecay) {
+  LRSchedule cosine("cosine", 1.0, 10, 110);
+  EXPECT_DOUBLE_EQ(cosine.lr(0), 0.0);
+  EXPECT_DOUBLE_EQ(cosine.lr(5), 0.5);
+  EXPECT_DOUBLE_EQ(cosine.lr(10), 1.0);
+  EXPECT_NEAR(cosine.lr(60), 0.5, 1e-12);
+  EXPECT_NEAR(cosine.lr(110), 0.0, 1e-12);
+  LRSchedule linear("linear", 2.0, 0, 100);
+  EXPECT_DOUBLE_EQ(linear.lr(25), 1.5);
+  LRSchedule constant("constant", 3.0, 2, 100);
+  EXPECT_DOUBLE_EQ(constant.lr(1), 1.5);
+  EXPECT_DOUBLE_EQ(constant.lr(99), 3.0);
+  EXPECT_THROW(LRSchedule("step", 1, 0, 1), std::invalid_argument);
+}
+
+const char* kMinimal = "model: {path: m.gguf}\ndata: {train: t.jsonl}\n";
+
+TEST(TrainConfig, DefaultsOverridesAndRoundTrip) {
+  const auto c = TrainConfig::from_yaml_string(
+      kMinimal, {"training.lr=1e-4", "lora.targets=[q_proj, v_proj]", "model.quantize=false"});
+  EXPECT_DOUBLE_EQ(c.training.lr, 1e-4);
+  EXPECT_EQ(c.lora.targets, (std::vector<std::string>{"q_proj", "v_proj"}));
+  EXPECT_FALSE(c.model.quantize);
+  EXPECT_EQ(c.training.optimizer, "paged_adamw_8bit");
+  const auto again = TrainConfig::from_yaml_string(c.to_yaml());
+  EXPECT_EQ(again.to_yaml(), c.to_yaml());
+}
+
+TEST(TrainConfig, MistakesAreClearErrors) {
+  expect_error([] { TrainConfig::from_yaml_string("model: {path: m}\ndata: {train: t}\ntraining: {lrr: 1}\n"); },
+               "unknown key \"training.lrr\"; valid keys are:");
+  expect_error([] { TrainConfig::from_yaml_string(kMinimal, {"training.micro_batch_size=big"}); },
+               "key \"training.micro_batch_size\" has an invalid value \"big\"");
+  expect_error([] { TrainConfig::from_yaml_string(kMinimal, {"training.optimizer=sgd"}); },
+               "\"training.optimizer\" must be one of paged_adamw_32bit, paged_adamw_8bit, adamw");
+  expect_error([] { TrainConfig::from_yaml_string("data: {train: t}\n"); }, "\"model.path\" is required");
+  expect_error([] { TrainConfig::from_yaml_string(kMinimal, {"training.lr"}); }, "expected key=value");
+  expect_error([] { TrainConfig::from_yaml_string("model: [\n"); }, "not valid YAML");
+  expect_error([] { TrainConfig::from_yaml_file("/nonexistent/config.yaml"); },
+               "/nonexistent/config.yaml: cannot open the config file");
+}
+
+}  // namespace

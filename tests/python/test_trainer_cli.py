@@ -1,0 +1,188 @@
+"""`qlora train` end to end on a tiny random LLaMA: losses against transformers +
+PEFT + torch AdamW, exact resume after SIGKILL (and never from a half-written
+checkpoint), and config errors that exit non-zero without writing anything."""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import BUILD
+
+QLORA = BUILD / "tools" / "qlora"
+WORDS = ("river stone lantern harbor quickly bright forest ember meadow silver thunder gentle "
+         "whisper orchard candle valley copper marble anchor falcon").split()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random 2-layer LLaMA with a byte-level BPE tokenizer and an Alpaca dataset."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("tiny")
+    records = []
+    for i, w in enumerate(WORDS * 3):
+        records.append({"instruction": f"Define the word \"{w}\".", "input": "",
+                        "output": f"{w} ({['noun', 'verb', 'adjective'][i % 3]}): a thing called {w}."})
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [json.dumps(r) for r in records] + ["### Instruction:\n### Response:\nBelow is an instruction"]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    model_dir = root / "model"
+    model_dir.mkdir()
+    tok.save(str(model_dir / "tokenizer.json"))
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>"}))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=256, eos_token_id=tok.token_to_id("<eos>"),
+                      tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(str(model_dir))
+    return {"root": root, "model": model_dir, "data": data, "records": records, "tokenizer": tok}
+
+
+def write_config(path, tiny, out, **overrides):
+    cfg = {
+        "model": {"path": str(tiny["model"]), "quantize": True, "blocksize": 32},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "targets": ["all-linear"]},
+        "data": {"train": str(tiny["data"]), "eval_split": 0.2, "max_length": 64},
+        "training": {"max_steps": 8, "micro_batch_size": 4, "gradient_accumulation_steps": 2,
+                     "lr": 5e-3, "warmup_steps": 2, "optimizer": "paged_adamw_8bit",
+                     "gradient_checkpointing": True, "save_every": 2, "eval_every": 4,
+                     "keep_last": 3, "threads": 1, "seed": 7},
+        "output_dir": str(out),
+        "resume": "auto",
+    }
+    for key, value in overrides.items():
+        section, _, name = key.partition("__")
+        if name:
+            cfg[section][name] = value
+        else:
+            cfg[section] = value
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    return path
+
+
+def run(config, *args, check=True):
+    res = subprocess.run([str(QLORA), "train", str(config), *args], capture_output=True, text=True,
+                         timeout=600)
+    if check:
+        assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def train_losses(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_resume_after_sigkill_is_bit_identical(tiny, tmp_path):
+    straight = tmp_path / "straight"
+    run(write_config(tmp_path / "a.yaml", tiny, straight))
+    expected = train_losses(straight)
+    assert sorted(expected) == list(range(1, 9))
+
+    killed = tmp_path / "killed"
+    config = write_config(tmp_path / "b.yaml", tiny, killed)
+    proc = subprocess.Popen([str(QLORA), "train", str(config)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint-4" / "trainer_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before checkpoint-4"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # A checkpoint write cut short leaves a temp folder or a folder without its
+    # state file; neither may be resumed from.
+    (killed / ".tmp-checkpoint-6-999").mkdir(exist_ok=True)
+    (killed / ".tmp-checkpoint-6-999" / "trainer_state.json").write_text("{}")
+    (killed / "checkpoint-7").mkdir(exist_ok=True)
+    res = run(config)
+    assert "resumed from" in res.stderr
+    got = train_losses(killed)
+    assert got == expected  # bit-identical losses for every step, before and after the kill
+    a = load_file(str(straight / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(killed / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    summary = json.loads((killed / "summary.json").read_text())
+    assert summary["resumed_from_step"] >= 4
+    assert sorted(p.name for p in killed.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6",
+                                                                   "checkpoint-8"]
+    assert (killed / "loss_curve.svg").read_text().startswith("<svg")
+
+
+def test_losses_match_transformers_peft_adamw(tiny, tmp_path):
+    """Plain LoRA (no quantisation, no dropout, one full batch per step so data
+    order cannot matter) against transformers + PEFT + torch.optim.AdamW."""
+    from peft import LoraConfig, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    common = dict(model={"path": str(tiny["model"]), "quantize": False},
+                  lora={"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["all-linear"]},
+                  data={"train": str(tiny["data"]), "max_length": 512})
+    n = len(tiny["records"])
+    train = {"micro_batch_size": n, "gradient_accumulation_steps": 1, "optimizer": "adamw",
+             "scheduler": "constant", "weight_decay": 0.0, "max_grad_norm": 0.0, "threads": 1, "seed": 3}
+    init = tmp_path / "init"
+    run(write_config(tmp_path / "init.yaml", tiny, init, **common,
+                     training={**train, "max_steps": 1, "lr": 0.0}))
+    ours = tmp_path / "ours"
+    run(write_config(tmp_path / "ours.yaml", tiny, ours, **common, training={**train, "max_steps": 5, "lr": 1e-2}))
+    our_losses = train_losses(ours)
+
+    # The same examples, tokenised as our Alpaca template does.
+    tok = tiny["tokenizer"]
+    eos = tok.token_to_id("<eos>")
+    header = ("Below is an instruction that describes a task. Write a response that appropriately "
+              "completes the request.\n\n### Instruction:\n{}\n\n### Response:")
+    rows = []
+    for r in tiny["records"]:
+        prompt = tok.encode(header.format(r["instruction"])).ids
+        completion = tok.encode(r["output"]).ids + [eos]
+        rows.append((prompt + completion, [-100] * len(prompt) + completion))
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.tensor([i + [eos] * (width - len(i)) for i, _ in rows])
+    labels = torch.tensor([l + [-100] * (width - len(l)) for _, l in rows])
+    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in rows])
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny["model"]), dtype=torch.float32)
+    cfg_file = init / "adapter" / "adapter_config.json"
+    model = PeftModel.from_pretrained(model, str(init / "adapter"), is_trainable=True)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    theirs = {}
+    for step in range(1, 6):
+        opt.zero_grad()
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        opt.step()
+        theirs[step] = out.loss.item()
+    assert json.loads(cfg_file.read_text())["r"] == 4
+    for step in range(1, 6):
+        assert our_losses[step] == pytest.approx(theirs[step], rel=1e-4, abs=1e-5), (step, our_losses, theirs)
+
+
+def test_config_errors_exit_nonzero_and_write_nothing(tiny, tmp_path):
+    out = tmp_path / "never"
+    bad = write_config(tmp_path / "bad.yaml", tiny, out, training={"max_steps": 2, "lrr": 1.0})
+    res = run(bad, check=False)
+    assert res.returncode == 1
+    assert 'unknown key "training.lrr"' in res.stderr and "training.lr" in res.stderr
+    assert not out.exists()
+    res = run(write_config(tmp_path / "ok.yaml", tiny, out), "--set", "training.optimizer=sgd", check=False)
+    assert res.returncode == 1 and "training.optimizer" in res.stderr and not out.exists()
+    missing = write_config(tmp_path / "missing.yaml", tiny, out, data={"train": str(tmp_path / "nope.jsonl")})
+    res = run(missing, check=False)
+    assert res.returncode == 1 and "nope.jsonl" in res.stderr
+    res = subprocess.run([str(QLORA), "train"], capture_output=True, text=True)
+    assert res.returncode != 0 and "config" in res.stderr
