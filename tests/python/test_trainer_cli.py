@@ -186,3 +186,36 @@ def test_config_errors_exit_nonzero_and_write_nothing(tiny, tmp_path):
     assert res.returncode == 1 and "nope.jsonl" in res.stderr
     res = subprocess.run([str(QLORA), "train"], capture_output=True, text=True)
     assert res.returncode != 0 and "config" in res.stderr
+
+
+def test_quantize_writes_a_bnb_folder_that_transformers_and_we_load(tiny, tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "q"
+    res = subprocess.run([str(QLORA), "quantize", "--model", str(tiny["model"]), "--out", str(out),
+                          "--blocksize", "32"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["load_in_4bit"] and cfg["bnb_4bit_quant_type"] == "nf4" and cfg["bnb_4bit_use_double_quant"]
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        packed = f.get_tensor("model.layers.0.self_attn.q_proj.weight")
+    import bitsandbytes.functional as F
+    dense = AutoModelForCausalLM.from_pretrained(str(tiny["model"]), dtype=torch.float32)
+    ref_packed, _ = F.quantize_4bit(dense.model.layers[0].self_attn.q_proj.weight.detach(), blocksize=32,
+                                    quant_type="nf4", compress_statistics=True)
+    assert torch.equal(packed, ref_packed)  # bitsandbytes' bytes
+    assert "model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4" in keys
+    assert "lm_head.weight" in keys and (out / "tokenizer.json").exists()
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    reference = AutoModelForCausalLM.from_pretrained(str(tiny["model"]), dtype=torch.float32)
+    quantized = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    quantized.train()  # bitsandbytes repacks weights in eval mode on some CPUs
+    with torch.no_grad():
+        a = reference(ids).logits
+        b = quantized(ids).logits
+    # 4-bit quantisation moves the logits, but not far (the reference is the dense model).
+    assert (a - b).abs().max() < 0.5 * a.abs().max()
+    res = subprocess.run([str(QLORA), "inspect", str(out / "model.safetensors")], capture_output=True, text=True)
+    assert res.returncode == 0 and "quant_state.bitsandbytes__nf4" in res.stdout

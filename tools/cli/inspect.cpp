@@ -21,8 +21,8 @@ std::string magic_of(const std::string& path) {
 
 int inspect_gguf(const std::string& path, std::ostream& out) {
   const auto r = io::GgufReader::open(path);
-  out << path << ": GGUF v" << r.version() << ", " << r.keys().size() << " keys, " << r.tensors().size()
-      << " tensors, alignment " << r.alignment() << "\n";
+  out << path << ": GGUF v" << r.version() << ", " << r.keys().size() << " keys, "
+      << r.tensors().size() << " tensors, alignment " << r.alignment() << "\n";
   for (const auto& key : r.keys()) {
     const auto& v = r.get(key);
     out << "  " << key << " = " << v.to_string(8) << "\n";

@@ -2,16 +2,20 @@
 //   qlora train CONFIG [--set key=value ...]
 //   qlora eval CONFIG [--adapter DIR] [--set ...]
 //   qlora generate CONFIG --prompt TEXT [--adapter DIR] [--max-new-tokens N] [--set ...]
-//   qlora inspect FILE
+//   qlora quantize --model PATH --out DIR [--quant-type nf4|fp4] [--blocksize N]
+//   [--no-double-quant] qlora inspect FILE
 // Exit codes: 0 success, 1 runtime error (named file/key in the message), 2 usage.
-#include <CLI/CLI.hpp>
 #include <c10/util/Exception.h>
+#include <CLI/CLI.hpp>
 
 #include <cstdio>
+#include <fstream>
 #include <iomanip>
 #include <iostream>
 
 #include "inspect.h"
+#include "qlora/models/loader.h"
+#include "qlora/models/saver.h"
 #include "qlora/train/trainer.h"
 
 namespace {
@@ -19,7 +23,8 @@ namespace {
 using qlora::train::TrainConfig;
 using qlora::train::Trainer;
 
-void print_generations(const char* title, const std::vector<std::pair<std::string, std::string>>& g) {
+void print_generations(const char* title,
+                       const std::vector<std::pair<std::string, std::string>>& g) {
   if (g.empty()) return;
   std::cout << title << "\n";
   for (const auto& [prompt, text] : g) std::cout << "  > " << prompt << "\n    " << text << "\n";
@@ -29,11 +34,12 @@ int train(const std::string& config_path, const std::vector<std::string>& sets) 
   Trainer trainer(TrainConfig::from_yaml_file(config_path, sets));
   const auto s = trainer.run();
   std::cout << std::fixed << std::setprecision(4) << "\n== qlora train: done ==\n"
-            << "held-out eval loss: before " << s.eval_loss_before << "  after " << s.eval_loss_after
-            << "  (" << std::setprecision(1)
+            << "held-out eval loss: before " << s.eval_loss_before << "  after "
+            << s.eval_loss_after << "  (" << std::setprecision(1)
             << 100.0 * (s.eval_loss_before - s.eval_loss_after) / s.eval_loss_before << "% lower)\n"
             << "steps " << s.steps << " (skipped " << s.skipped_steps << ")"
-            << (s.resumed_from_step ? ", resumed from step " + std::to_string(s.resumed_from_step) : "")
+            << (s.resumed_from_step ? ", resumed from step " + std::to_string(s.resumed_from_step)
+                                    : "")
             << "\ntraining throughput " << s.tokens_per_second << " tokens/s, peak RSS "
             << s.peak_rss_bytes / (1024.0 * 1024.0) << " MiB, wall " << s.wall_seconds << " s\n";
   print_generations("generations before training:", s.generations_before);
@@ -62,6 +68,28 @@ int generate(const std::string& config_path, const std::vector<std::string>& set
   return 0;
 }
 
+int quantize(const std::string& model_path, const std::string& out, const std::string& quant_type,
+             int64_t blocksize, bool double_quant) {
+  qlora::models::LoadOptions load;
+  const qlora::QuantConfig quant{blocksize, quant_type, double_quant};
+  load.quantize = qlora::nn::QuantizedBaseConfig{quant, at::kFloat};
+  qlora::models::LoadReport report;
+  auto model = qlora::models::load_llama(model_path, load, &report);
+  qlora::models::save_bnb_4bit_folder(model, out, quant, at::kFloat);
+  // The tokenizer files travel with the weights when the source has them.
+  for (const char* name : {"tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                           "special_tokens_map.json", "generation_config.json"}) {
+    const std::string src = model_path + "/" + name;
+    std::ifstream in(src, std::ios::binary);
+    if (!in) continue;
+    std::ofstream(out + "/" + name, std::ios::binary) << in.rdbuf();
+  }
+  std::cout << "wrote " << out << ": " << report.quantized.size() << " layers in " << quant_type
+            << (double_quant ? " (double quantisation)" : "") << ", blocksize " << blocksize
+            << "\n";
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -72,20 +100,37 @@ int main(int argc, char** argv) {
   int64_t max_new_tokens = 48;
 
   auto* train_cmd = app.add_subcommand("train", "fine-tune a model as a YAML config says");
-  train_cmd->add_option("config", config, "YAML config (see configs/)")->required()->check(CLI::ExistingFile);
+  train_cmd->add_option("config", config, "YAML config (see configs/)")
+      ->required()
+      ->check(CLI::ExistingFile);
   train_cmd->add_option("--set", sets, "override a config key, e.g. --set training.lr=1e-4");
 
-  auto* eval_cmd = app.add_subcommand("eval", "held-out loss and perplexity of a model (+ adapter)");
+  auto* eval_cmd =
+      app.add_subcommand("eval", "held-out loss and perplexity of a model (+ adapter)");
   eval_cmd->add_option("config", config, "YAML config")->required()->check(CLI::ExistingFile);
   eval_cmd->add_option("--adapter", adapter, "PEFT adapter folder to apply");
   eval_cmd->add_option("--set", sets, "override a config key");
 
   auto* gen_cmd = app.add_subcommand("generate", "complete instructions with a model (+ adapter)");
-  gen_cmd->add_option("config", config, "YAML config naming the model and template")->required()->check(CLI::ExistingFile);
+  gen_cmd->add_option("config", config, "YAML config naming the model and template")
+      ->required()
+      ->check(CLI::ExistingFile);
   gen_cmd->add_option("--prompt", prompts, "an instruction (repeatable)")->required();
   gen_cmd->add_option("--adapter", adapter, "PEFT adapter folder to apply");
-  gen_cmd->add_option("--max-new-tokens", max_new_tokens, "tokens to generate")->check(CLI::PositiveNumber);
+  gen_cmd->add_option("--max-new-tokens", max_new_tokens, "tokens to generate")
+      ->check(CLI::PositiveNumber);
   gen_cmd->add_option("--set", sets, "override a config key");
+
+  std::string model_path, out_dir, quant_type = "nf4";
+  int64_t blocksize = 64;
+  bool double_quant = true;
+  auto* quant_cmd = app.add_subcommand("quantize", "a model -> a bitsandbytes 4-bit HF folder");
+  quant_cmd->add_option("--model", model_path, "HF folder or .gguf")->required();
+  quant_cmd->add_option("--out", out_dir, "output folder")->required();
+  quant_cmd->add_option("--quant-type", quant_type, "nf4 or fp4")
+      ->check(CLI::IsMember({"nf4", "fp4"}));
+  quant_cmd->add_option("--blocksize", blocksize, "32 ... 4096");
+  quant_cmd->add_flag("!--no-double-quant", double_quant, "skip double quantisation of absmax");
 
   auto* inspect_cmd = app.add_subcommand("inspect", "summarise a safetensors or GGUF file");
   inspect_cmd->add_option("file", file, "the file")->required()->check(CLI::ExistingFile);
@@ -96,6 +141,7 @@ int main(int argc, char** argv) {
     if (*eval_cmd) return evaluate(config, sets, adapter);
     if (*gen_cmd) return generate(config, sets, adapter, prompts, max_new_tokens);
     if (*inspect_cmd) return qlora::cli::inspect(file, std::cout);
+    if (*quant_cmd) return quantize(model_path, out_dir, quant_type, blocksize, double_quant);
   } catch (const c10::Error& e) {
     std::cerr << "qlora: error: " << e.what_without_backtrace() << "\n";
     return 1;

@@ -1,0 +1,59 @@
+#include "qlora/models/saver.h"
+
+#include <map>
+#include <nlohmann/json.hpp>
+
+#include "../util/fs.h"
+#include "qlora/io/atomic_file.h"
+#include "qlora/io/safetensors.h"
+#include "qlora/nn/apply_lora.h"
+#include "qlora/nn/lora_layer.h"
+#include "qlora/nn/qlora_linear.h"
+
+namespace qlora::models {
+
+void save_bnb_4bit_folder(LlamaForCausalLM& model, const std::string& dir, const QuantConfig& quant,
+                          at::ScalarType compute_dtype) {
+  std::map<std::string, at::Tensor> tensors;
+  const auto layers = nn::lora_layers(*model);
+  auto inside_layer = [&](const std::string& name) {
+    for (const auto& [path, layer] : layers)
+      if (name.rfind(path + ".", 0) == 0) return true;
+    return false;
+  };
+  for (const auto& p : model->named_parameters(true)) {
+    if (inside_layer(p.key())) continue;
+    if (p.key() == "lm_head.weight" && model->config().tie_word_embeddings) continue;
+    tensors[p.key()] = p.value().detach().contiguous();
+  }
+  int64_t quantized = 0;
+  for (const auto& [path, layer] : layers) {
+    if (auto* q = dynamic_cast<nn::QLoRALinearImpl*>(layer.get())) {
+      for (auto& [key, t] : q->base_state_dict(path + ".weight")) tensors[key] = t.contiguous();
+      ++quantized;
+    } else {
+      tensors[path + ".weight"] = layer->base_weight(at::kFloat);
+    }
+    if (auto b = layer->base_bias()) tensors[path + ".bias"] = b->detach().contiguous();
+  }
+  TORCH_CHECK(quantized > 0,
+              "save_bnb_4bit_folder: the model has no 4-bit layers (load it with quantize set)");
+
+  nlohmann::json config = nlohmann::json::parse(model->config().to_json());
+  config["quantization_config"] = {
+      {"quant_method", "bitsandbytes"},
+      {"load_in_4bit", true},
+      {"load_in_8bit", false},
+      {"bnb_4bit_quant_type", quant.quant_type},
+      {"bnb_4bit_use_double_quant", quant.double_quant},
+      {"bnb_4bit_compute_dtype", dtype_name(compute_dtype)},
+      {"bnb_4bit_quant_storage", "uint8"},
+      {"llm_int8_skip_modules", nlohmann::json::array({"lm_head"})},
+  };
+  fs::make_dirs(dir);
+  io::save_safetensors(dir + "/model.safetensors", tensors, {{"format", "pt"}});
+  const std::string text = config.dump(2) + "\n";
+  io::write_bytes_atomic(dir + "/config.json", text.data(), text.size());
+}
+
+}  // namespace qlora::models
