@@ -52,4 +52,10 @@ std::string close_names_hint(const std::string& name, const std::vector<std::str
   }
   return out + "?";
 }
+std::string shape_str(const std::vector<int64_t>& shape) {
+  std::string out = "[";
+  for (size_t i = 0; i < shape.size(); ++i) out += (i > 0 ? ", " : "") + std::to_string(shape[i]);
+  return out + "]";
+}
+
 }  // namespace qlora::io

@@ -1,7 +1,8 @@
-// "Did you mean ...?" hints for missing tensor and key names, shared by the
-// file readers.
+// Text for the file readers' error messages: "did you mean ...?" hints for
+// missing tensor and key names, and shapes.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -11,5 +12,8 @@ namespace qlora::io {
 // `name`, or differing from it by a leading module prefix ("model."); "" if
 // none is close.
 std::string close_names_hint(const std::string& name, const std::vector<std::string>& names);
+
+// "[2, 3]": a shape as error messages print it.
+std::string shape_str(const std::vector<int64_t>& shape);
 
 }  // namespace qlora::io

@@ -113,7 +113,8 @@ struct Trainer::State {
   double train_seconds = 0;
   std::vector<std::string> paths;
 
-  void setup();
+  void setup();           // model and tokenizer
+  void setup_training();  // data, optimizer, schedule, output folder
   void load_data();
   void build_optimizer();
   int64_t count_total_steps();
@@ -125,7 +126,7 @@ struct Trainer::State {
   std::vector<std::pair<std::string, std::string>> generate_samples();
   std::vector<std::pair<std::string, std::string>> generate(const std::vector<std::string>& prompts,
                                                             int64_t max_new_tokens);
-  bool prepared = false;
+  bool prepared = false, training_prepared = false;
 };
 
 Trainer::Trainer(TrainConfig config) : s_(std::make_unique<State>()) {
@@ -166,6 +167,13 @@ void Trainer::State::setup() {
 
   tokenizer =
       tokenizers::load_tokenizer(c.model.tokenizer.empty() ? c.model.path : c.model.tokenizer);
+}
+
+void Trainer::State::setup_training() {
+  setup();
+  if (training_prepared) return;
+  training_prepared = true;
+  const auto& c = config;
   load_data();
   build_optimizer();
   total_steps = count_total_steps();
@@ -319,7 +327,7 @@ bool Trainer::State::train_step() {
 
 double Trainer::evaluate() {
   auto& s = *s_;
-  s.setup();
+  s.setup_training();
   if (s.eval_set->empty()) return std::nan("");
   torch::NoGradGuard no_grad;
   s.model->eval();
@@ -450,7 +458,7 @@ void Trainer::State::load_checkpoint(const std::string& dir) {
   log::info("resumed from " + dir + " at step " + std::to_string(step));
 }
 
-void Trainer::prepare() { s_->setup(); }
+void Trainer::prepare() { s_->setup_training(); }
 
 void Trainer::load_adapter(const std::string& dir) {
   s_->setup();
@@ -466,7 +474,7 @@ std::vector<std::pair<std::string, std::string>> Trainer::generate(
 TrainSummary Trainer::run() {
   auto& s = *s_;
   const auto start = Clock::now();
-  s.setup();
+  s.setup_training();
   TrainSummary summary;
   std::optional<std::string> resume_dir;
   if (s.config.resume == "auto")

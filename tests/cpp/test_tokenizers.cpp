@@ -25,30 +25,7 @@ using nlohmann::json;
 using qlora::test::expect_error;
 using Ids = std::vector<int32_t>;
 
-// A scratch directory, removed with its files.
-class TempDir {
- public:
-  TempDir() {
-    char pattern[] = "/tmp/qlora_tokenizers_XXXXXX";
-    const char* made = mkdtemp(pattern);
-    if (made == nullptr) throw std::runtime_error("mkdtemp failed");
-    path_ = made;
-  }
-  ~TempDir() {
-    for (const std::string& f : files_) std::remove(f.c_str());
-    rmdir(path_.c_str());
-  }
-  std::string write(const std::string& name, const std::string& content) {
-    const std::string file = path_ + "/" + name;
-    std::ofstream(file, std::ios::binary) << content;
-    files_.push_back(file);
-    return file;
-  }
-
- private:
-  std::string path_;
-  std::vector<std::string> files_;
-};
+using qlora::test::TempDir;
 
 void append_utf8(std::string& out, char32_t cp) {
   if (cp < 0x80) {

@@ -3,8 +3,15 @@
 
 #include <gtest/gtest.h>
 
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <fstream>
+#include <stdexcept>
 #include <string>
 #include <utility>
+#include <vector>
 
 namespace qlora::test {
 
@@ -23,5 +30,33 @@ void expect_error(F&& f, const std::string& expected) {
   }
   ADD_FAILURE() << "expected an error containing \"" << expected << "\", but nothing was thrown";
 }
+
+// A scratch directory, removed with the files written through it.
+class TempDir {
+ public:
+  TempDir() {
+    char pattern[] = "/tmp/qlora_test_XXXXXX";
+    const char* made = mkdtemp(pattern);
+    if (made == nullptr) throw std::runtime_error("mkdtemp failed");
+    path_ = made;
+  }
+  ~TempDir() {
+    for (const std::string& f : files_) std::remove(f.c_str());
+    rmdir(path_.c_str());
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  std::string write(const std::string& name, const std::string& content) {
+    const std::string file = path_ + "/" + name;
+    std::ofstream(file, std::ios::binary) << content;
+    files_.push_back(file);
+    return file;
+  }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+  std::vector<std::string> files_;
+};
 
 }  // namespace qlora::test

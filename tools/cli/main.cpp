@@ -1,7 +1,8 @@
 // qlora: the command-line front end.
 //   qlora train CONFIG [--set key=value ...]
 //   qlora eval CONFIG [--adapter DIR] [--set ...]
-//   qlora generate CONFIG --prompt TEXT [--adapter DIR] [--max-new-tokens N] [--set ...]
+//   qlora generate (CONFIG | --model PATH [--template T]) --prompt TEXT [--adapter DIR]
+//                  [--max-new-tokens N] [--set ...]
 //   qlora quantize --model PATH --out DIR [--quant-type nf4|fp4] [--blocksize N]
 //   [--no-double-quant] qlora inspect FILE
 // Exit codes: 0 success, 1 runtime error (named file/key in the message), 2 usage.
@@ -16,6 +17,7 @@
 #include "inspect.h"
 #include "qlora/models/loader.h"
 #include "qlora/models/saver.h"
+#include "qlora/nn/peft_adapter.h"
 #include "qlora/train/trainer.h"
 
 namespace {
@@ -49,9 +51,35 @@ int train(const std::string& config_path, const std::vector<std::string>& sets) 
   return 0;
 }
 
+// "lora.*" overrides that rebuild the LoRA layers an adapter was saved from.
+std::vector<std::string> adapter_sets(const std::string& adapter) {
+  if (adapter.empty()) return {};
+  const auto c = qlora::nn::read_peft_adapter_config(adapter);
+  std::string targets = "[";
+  for (size_t i = 0; i < c.target_modules.size(); ++i)
+    targets += (i ? ", " : "") + c.target_modules[i];
+  return {"lora.r=" + std::to_string(c.r), "lora.alpha=" + std::to_string(c.alpha),
+          "lora.targets=" + targets + "]",
+          std::string("lora.rslora=") + (c.use_rslora ? "true" : "false"),
+          std::string("lora.dora=") + (c.use_dora ? "true" : "false")};
+}
+
+// A config for commands that only need a model: from a file, or from --model.
+TrainConfig model_config(const std::string& config_path, const std::string& model_path,
+                         const std::string& template_name, std::vector<std::string> sets,
+                         const std::string& adapter) {
+  const auto from_adapter = adapter_sets(adapter);
+  sets.insert(sets.begin(), from_adapter.begin(), from_adapter.end());
+  if (!config_path.empty()) return TrainConfig::from_yaml_file(config_path, sets);
+  if (model_path.empty()) throw std::invalid_argument("give a CONFIG file or --model PATH");
+  sets.insert(sets.begin(),
+              {"model.path=" + model_path, "data.train=unused", "data.template=" + template_name});
+  return TrainConfig::from_yaml_string("{}", sets, "--model");
+}
+
 int evaluate(const std::string& config_path, const std::vector<std::string>& sets,
              const std::string& adapter) {
-  Trainer trainer(TrainConfig::from_yaml_file(config_path, sets));
+  Trainer trainer(model_config(config_path, "", "", sets, adapter));
   if (!adapter.empty()) trainer.load_adapter(adapter);
   const double loss = trainer.evaluate();
   std::cout << std::fixed << std::setprecision(4) << "eval loss " << loss << "  perplexity "
@@ -59,9 +87,9 @@ int evaluate(const std::string& config_path, const std::vector<std::string>& set
   return 0;
 }
 
-int generate(const std::string& config_path, const std::vector<std::string>& sets,
-             const std::string& adapter, const std::vector<std::string>& prompts, int64_t max_new) {
-  Trainer trainer(TrainConfig::from_yaml_file(config_path, sets));
+int generate(const TrainConfig& config, const std::string& adapter,
+             const std::vector<std::string>& prompts, int64_t max_new) {
+  Trainer trainer(config);
   if (!adapter.empty()) trainer.load_adapter(adapter);
   for (const auto& [prompt, text] : trainer.generate(prompts, max_new))
     std::cout << "> " << prompt << "\n" << text << "\n";
@@ -111,10 +139,13 @@ int main(int argc, char** argv) {
   eval_cmd->add_option("--adapter", adapter, "PEFT adapter folder to apply");
   eval_cmd->add_option("--set", sets, "override a config key");
 
+  std::string gen_model, gen_template = "alpaca";
   auto* gen_cmd = app.add_subcommand("generate", "complete instructions with a model (+ adapter)");
   gen_cmd->add_option("config", config, "YAML config naming the model and template")
-      ->required()
       ->check(CLI::ExistingFile);
+  gen_cmd->add_option("--model", gen_model, "model path (instead of a config)");
+  gen_cmd->add_option("--template", gen_template, "prompt template with --model")
+      ->check(CLI::IsMember({"alpaca", "chatml", "smollm2", "plain"}));
   gen_cmd->add_option("--prompt", prompts, "an instruction (repeatable)")->required();
   gen_cmd->add_option("--adapter", adapter, "PEFT adapter folder to apply");
   gen_cmd->add_option("--max-new-tokens", max_new_tokens, "tokens to generate")
@@ -139,7 +170,9 @@ int main(int argc, char** argv) {
   try {
     if (*train_cmd) return train(config, sets);
     if (*eval_cmd) return evaluate(config, sets, adapter);
-    if (*gen_cmd) return generate(config, sets, adapter, prompts, max_new_tokens);
+    if (*gen_cmd)
+      return generate(model_config(config, gen_model, gen_template, sets, adapter), adapter,
+                      prompts, max_new_tokens);
     if (*inspect_cmd) return qlora::cli::inspect(file, std::cout);
     if (*quant_cmd) return quantize(model_path, out_dir, quant_type, blocksize, double_quant);
   } catch (const c10::Error& e) {

