@@ -56,4 +56,45 @@ void save_bnb_4bit_folder(LlamaForCausalLM& model, const std::string& dir, const
   io::write_bytes_atomic(dir + "/config.json", text.data(), text.size());
 }
 
+int copy_tokenizer_files(const std::string& from_dir, const std::string& to_dir) {
+  int copied = 0;
+  for (const char* name : {"tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                           "special_tokens_map.json", "generation_config.json"}) {
+    const std::string src = from_dir + "/" + name;
+    if (!fs::exists(src) || fs::is_dir(src)) continue;
+    const std::string bytes = fs::read_text(src);
+    io::write_bytes_atomic(to_dir + "/" + name, bytes.data(), bytes.size());
+    ++copied;
+  }
+  return copied;
+}
+
+void save_hf_merged_folder(LlamaForCausalLM& model, const std::string& dir, at::ScalarType dtype,
+                           const std::string& tokenizer_source) {
+  std::map<std::string, at::Tensor> tensors;
+  const auto layers = nn::lora_layers(*model);
+  auto inside_layer = [&](const std::string& name) {
+    for (const auto& [path, layer] : layers)
+      if (name.rfind(path + ".", 0) == 0) return true;
+    return false;
+  };
+  for (const auto& p : model->named_parameters(true)) {
+    if (inside_layer(p.key())) continue;
+    if (p.key() == "lm_head.weight" && model->config().tie_word_embeddings) continue;
+    tensors[p.key()] = p.value().detach().to(dtype).contiguous();
+  }
+  for (const auto& [path, layer] : layers) {
+    tensors[path + ".weight"] = layer->merged_weight(at::kFloat).to(dtype).contiguous();
+    if (auto b = layer->base_bias()) tensors[path + ".bias"] = b->detach().to(dtype).contiguous();
+  }
+  nlohmann::json config = nlohmann::json::parse(model->config().to_json());
+  config["torch_dtype"] = dtype_name(dtype);
+  config["dtype"] = dtype_name(dtype);
+  fs::make_dirs(dir);
+  io::save_safetensors(dir + "/model.safetensors", tensors, {{"format", "pt"}});
+  const std::string text = config.dump(2) + "\n";
+  io::write_bytes_atomic(dir + "/config.json", text.data(), text.size());
+  if (fs::is_dir(tokenizer_source)) copy_tokenizer_files(tokenizer_source, dir);
+}
+
 }  // namespace qlora::models

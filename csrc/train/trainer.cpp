@@ -460,6 +460,15 @@ void Trainer::State::load_checkpoint(const std::string& dir) {
 
 void Trainer::prepare() { s_->setup_training(); }
 
+models::LlamaForCausalLM& Trainer::model() {
+  s_->setup();
+  return s_->model;
+}
+
+const nn::LoRAConfig& Trainer::lora_config() const { return s_->lora; }
+
+const TrainConfig& Trainer::config() const { return s_->config; }
+
 void Trainer::load_adapter(const std::string& dir) {
   s_->setup();
   nn::load_peft_adapter(dir, *s_->model);

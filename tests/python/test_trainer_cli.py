@@ -219,3 +219,46 @@ def test_quantize_writes_a_bnb_folder_that_transformers_and_we_load(tiny, tmp_pa
     assert (a - b).abs().max() < 0.5 * a.abs().max()
     res = subprocess.run([str(QLORA), "inspect", str(out / "model.safetensors")], capture_output=True, text=True)
     assert res.returncode == 0 and "quant_state.bitsandbytes__nf4" in res.stdout
+
+
+def test_export_hf_merged_and_peft_match_peft_on_the_4bit_base(tiny, tmp_path):
+    """The merged HF folder equals PEFT's adapter applied to the same 4-bit base:
+    the merge is into dequant(W), not into the original weight."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    run(write_config(tmp_path / "c.yaml", tiny, out, training={"max_steps": 3, "lr": 1e-2, "threads": 1},
+                     lora={"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["all-linear"]}))
+    common = ["--model", str(tiny["model"]), "--adapter", str(out / "adapter"), "--set", "model.blocksize=32"]
+    for fmt, dest in [("hf", tmp_path / "hf"), ("peft", tmp_path / "peft")]:
+        res = subprocess.run([str(QLORA), "export", *common, "--format", fmt, "--out", str(dest),
+                              "--outtype", "f32"], capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+    bnb_dir = tmp_path / "bnb"
+    res = subprocess.run([str(QLORA), "quantize", "--model", str(tiny["model"]), "--out", str(bnb_dir),
+                          "--blocksize", "32"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    # Reference: PEFT applied to a dense model holding the dequantised 4-bit base
+    # (read from the bitsandbytes folder with bitsandbytes' own dequantize_4bit).
+    import bitsandbytes.functional as F
+    from bitsandbytes.functional import QuantState
+    from safetensors.torch import load_file as load_st
+
+    q = load_st(str(bnb_dir / "model.safetensors"))
+    base = AutoModelForCausalLM.from_pretrained(str(tiny["model"]), dtype=torch.float32)
+    with torch.no_grad():
+        for name, module in base.named_modules():
+            if isinstance(module, torch.nn.Linear) and name + ".weight.absmax" in q:
+                prefix = name + ".weight."
+                state = QuantState.from_dict({k[len(prefix):]: v for k, v in q.items() if k.startswith(prefix)},
+                                             torch.device("cpu"))
+                module.weight.copy_(F.dequantize_4bit(q[name + ".weight"], state))
+    peft = PeftModel.from_pretrained(base, str(tmp_path / "peft"))
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32)
+    ids = torch.tensor([[5, 17, 42, 99, 3, 7, 8]])
+    with torch.no_grad():
+        a = merged(ids).logits
+        b = peft(ids).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert (tmp_path / "hf" / "tokenizer.json").exists()

@@ -105,16 +105,31 @@ int quantize(const std::string& model_path, const std::string& out, const std::s
   auto model = qlora::models::load_llama(model_path, load, &report);
   qlora::models::save_bnb_4bit_folder(model, out, quant, at::kFloat);
   // The tokenizer files travel with the weights when the source has them.
-  for (const char* name : {"tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-                           "special_tokens_map.json", "generation_config.json"}) {
-    const std::string src = model_path + "/" + name;
-    std::ifstream in(src, std::ios::binary);
-    if (!in) continue;
-    std::ofstream(out + "/" + name, std::ios::binary) << in.rdbuf();
-  }
+  qlora::models::copy_tokenizer_files(model_path, out);
   std::cout << "wrote " << out << ": " << report.quantized.size() << " layers in " << quant_type
             << (double_quant ? " (double quantisation)" : "") << ", blocksize " << blocksize
             << "\n";
+  return 0;
+}
+
+at::ScalarType dtype_of_outtype(const std::string& t) {
+  if (t == "f16") return at::kHalf;
+  if (t == "bf16") return at::kBFloat16;
+  if (t == "f32") return at::kFloat;
+  throw std::invalid_argument("--outtype " + t + " is not f32, f16 or bf16 for this format");
+}
+
+int export_model(const TrainConfig& config, const std::string& adapter, const std::string& format,
+                 const std::string& out, const std::string& outtype) {
+  Trainer trainer(config);
+  if (!adapter.empty()) trainer.load_adapter(adapter);
+  auto& model = trainer.model();
+  if (format == "peft") {
+    qlora::nn::save_peft_adapter(out, *model, trainer.lora_config(), {config.model.path});
+  } else if (format == "hf") {
+    qlora::models::save_hf_merged_folder(model, out, dtype_of_outtype(outtype), config.model.path);
+  }
+  std::cout << "wrote " << out << " (" << format << ")\n";
   return 0;
 }
 
@@ -163,6 +178,20 @@ int main(int argc, char** argv) {
   quant_cmd->add_option("--blocksize", blocksize, "32 ... 4096");
   quant_cmd->add_flag("!--no-double-quant", double_quant, "skip double quantisation of absmax");
 
+  std::string format, outtype = "f16";
+  auto* export_cmd =
+      app.add_subcommand("export", "write a fine-tune out: PEFT adapter or merged HF folder");
+  export_cmd->add_option("config", config, "YAML config naming the model")
+      ->check(CLI::ExistingFile);
+  export_cmd->add_option("--model", gen_model, "model path (instead of a config)");
+  export_cmd->add_option("--adapter", adapter, "PEFT adapter folder of the fine-tune");
+  export_cmd->add_option("--format", format, "peft | hf")
+      ->required()
+      ->check(CLI::IsMember({"peft", "hf"}));
+  export_cmd->add_option("--out", out_dir, "output folder or file")->required();
+  export_cmd->add_option("--outtype", outtype, "hf: f32 | f16 | bf16");
+  export_cmd->add_option("--set", sets, "override a config key");
+
   auto* inspect_cmd = app.add_subcommand("inspect", "summarise a safetensors or GGUF file");
   inspect_cmd->add_option("file", file, "the file")->required()->check(CLI::ExistingFile);
 
@@ -174,6 +203,9 @@ int main(int argc, char** argv) {
       return generate(model_config(config, gen_model, gen_template, sets, adapter), adapter,
                       prompts, max_new_tokens);
     if (*inspect_cmd) return qlora::cli::inspect(file, std::cout);
+    if (*export_cmd)
+      return export_model(model_config(config, gen_model, "alpaca", sets, adapter), adapter, format,
+                          out_dir, outtype);
     if (*quant_cmd) return quantize(model_path, out_dir, quant_type, blocksize, double_quant);
   } catch (const c10::Error& e) {
     std::cerr << "qlora: error: " << e.what_without_backtrace() << "\n";

@@ -16,4 +16,15 @@ namespace qlora::models {
 void save_bnb_4bit_folder(LlamaForCausalLM& model, const std::string& dir, const QuantConfig& quant,
                           at::ScalarType compute_dtype);
 
+// A plain Hugging Face folder (config.json + model.safetensors) with every
+// LoRA layer merged into its weight: merged = dequant(W) + scaling * B A (or
+// the DoRA rows), never the pre-quantisation weight. Tokenizer files are
+// copied from `tokenizer_source` when it is a folder that has them.
+void save_hf_merged_folder(LlamaForCausalLM& model, const std::string& dir, at::ScalarType dtype,
+                           const std::string& tokenizer_source);
+
+// Copies the tokenizer files of an HF folder (tokenizer.json, ...) into dir;
+// returns how many it found.
+int copy_tokenizer_files(const std::string& from_dir, const std::string& to_dir);
+
 }  // namespace qlora::models

@@ -11,6 +11,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "qlora/models/llama.h"
+#include "qlora/nn/lora_config.h"
 #include "qlora/train/config.h"
 
 namespace qlora::train {
@@ -38,6 +40,10 @@ class Trainer {
   void prepare();
   // Replaces the LoRA weights with a saved PEFT adapter.
   void load_adapter(const std::string& dir);
+  // The loaded model (loads it first) and the LoRA config it was built with.
+  models::LlamaForCausalLM& model();
+  const nn::LoRAConfig& lora_config() const;
+  const TrainConfig& config() const;
   // Mean label-token cross-entropy on the eval split.
   double evaluate();
   // Greedy completions of instructions rendered with the data template.

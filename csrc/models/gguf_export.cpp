@@ -1,0 +1,425 @@
+#include "qlora/models/gguf_export.h"
+
+#include <ATen/ops/tensor.h>
+#include <torch/nn/modules/linear.h>
+
+#include <cmath>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "qlora/io/gguf.h"
+#include "qlora/io/gguf_writer.h"
+#include "qlora/nn/apply_lora.h"
+#include "qlora/nn/lora_layer.h"
+
+namespace qlora::models {
+
+namespace {
+
+using io::GgmlType;
+using io::GgufError;
+using json = nlohmann::json;
+
+const std::map<std::string, std::string>& layer_suffixes() {
+  static const std::map<std::string, std::string> m = {
+      {"input_layernorm.weight", "attn_norm.weight"},
+      {"self_attn.q_proj.weight", "attn_q.weight"},
+      {"self_attn.k_proj.weight", "attn_k.weight"},
+      {"self_attn.v_proj.weight", "attn_v.weight"},
+      {"self_attn.o_proj.weight", "attn_output.weight"},
+      {"post_attention_layernorm.weight", "ffn_norm.weight"},
+      {"mlp.gate_proj.weight", "ffn_gate.weight"},
+      {"mlp.up_proj.weight", "ffn_up.weight"},
+      {"mlp.down_proj.weight", "ffn_down.weight"},
+  };
+  return m;
+}
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// Refuses what llama.cpp's "llama" architecture cannot express.
+void check_exportable(const LlamaConfig& c) {
+  if (c.model_type != "llama" || c.qkv_bias() || c.o_proj_bias() || c.has_mlp_bias()) {
+    throw GgufError("GGUF export: model_type '" + c.model_type + "'" +
+                    (c.qkv_bias() || c.o_proj_bias() ? " with attention biases" : "") +
+                    (c.has_mlp_bias() ? " with MLP biases" : "") +
+                    " cannot be exported as llama.cpp's 'llama' architecture (it has no q/k/v/o or "
+                    "MLP biases); only bias-free LLaMA models are supported");
+  }
+  if (c.hidden_act != "silu") {
+    throw GgufError("GGUF export: hidden_act '" + c.hidden_act +
+                    "' is not supported by llama.cpp's 'llama' architecture (SiLU only)");
+  }
+  if (c.rope_scaling.type != "default" && c.rope_scaling.type != "linear" &&
+      c.rope_scaling.type != "llama3") {
+    throw GgufError("GGUF export: rope_scaling type '" + c.rope_scaling.type +
+                    "' is not supported");
+  }
+}
+
+// The weight of the Linear (or LoRA layer, merged) at dotted `path`.
+at::Tensor linear_weight(torch::nn::Module& root, const std::string& path) {
+  for (const auto& item : root.named_modules("", false)) {
+    if (item.key() != path) continue;
+    const std::shared_ptr<torch::nn::Module>& m = item.value();
+    if (auto lora = std::dynamic_pointer_cast<nn::LoRALayerImpl>(m)) {
+      if (lora->base_bias().has_value()) {
+        throw GgufError("GGUF export: " + path +
+                        " has a bias; llama.cpp's 'llama' architecture "
+                        "has none");
+      }
+      return lora->merged_weight(at::kFloat).detach().to(at::kCPU, at::kFloat).contiguous();
+    }
+    if (auto lin = std::dynamic_pointer_cast<torch::nn::LinearImpl>(m)) {
+      if (lin->bias.defined()) {
+        throw GgufError("GGUF export: " + path +
+                        " has a bias; llama.cpp's 'llama' architecture "
+                        "has none");
+      }
+      return lin->weight.detach().to(at::kCPU, at::kFloat).contiguous();
+    }
+    throw GgufError("GGUF export: " + path + " is neither a Linear nor a LoRA layer");
+  }
+  throw GgufError("GGUF export: the model has no module " + path);
+}
+
+at::Tensor parameter(torch::nn::Module& root, const std::string& name) {
+  if (const at::Tensor* p = root.named_parameters(true).find(name)) {
+    return p->detach().to(at::kCPU, at::kFloat).contiguous();
+  }
+  if (const at::Tensor* b = root.named_buffers(true).find(name)) {
+    return b->detach().to(at::kCPU, at::kFloat).contiguous();
+  }
+  throw GgufError("GGUF export: the model has no parameter " + name);
+}
+
+bool is_lora(torch::nn::Module& root, const std::string& path) {
+  for (const auto& item : root.named_modules("", false)) {
+    if (item.key() == path) {
+      return std::dynamic_pointer_cast<nn::LoRALayerImpl>(item.value()) != nullptr;
+    }
+  }
+  return false;
+}
+
+GgmlType parse_outtype(const std::string& outtype, uint32_t* file_type) {
+  if (outtype == "f32") return *file_type = 0, GgmlType::F32;
+  if (outtype == "f16") return *file_type = 1, GgmlType::F16;
+  if (outtype == "q4_0") return *file_type = 2, GgmlType::Q4_0;
+  if (outtype == "q8_0") return *file_type = 7, GgmlType::Q8_0;
+  if (outtype == "bf16") return *file_type = 32, GgmlType::BF16;
+  throw GgufError("GGUF export: unknown outtype '" + outtype +
+                  "' (expected f32, f16, bf16, q8_0 or q4_0)");
+}
+
+std::string read_text(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw GgufError("GGUF export: cannot read " + path);
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+bool file_exists(const std::string& path) { return std::ifstream(path).good(); }
+
+json parse_json(const std::string& path) {
+  try {
+    return json::parse(read_text(path));
+  } catch (const json::exception& e) {
+    throw GgufError("GGUF export: " + path + ": invalid JSON: " + e.what());
+  }
+}
+
+// tokenizer_config.json's bos_token etc.: a string or {"content": ...}.
+std::optional<std::string> config_token(const json& cfg, const char* key) {
+  auto it = cfg.find(key);
+  if (it == cfg.end() || it->is_null()) return std::nullopt;
+  if (it->is_string()) return it->get<std::string>();
+  if (it->is_object() && it->contains("content") && (*it)["content"].is_string()) {
+    return (*it)["content"].get<std::string>();
+  }
+  return std::nullopt;
+}
+
+void add_tokenizer_from_gguf(io::GgufWriter& w, const std::string& path, int64_t vocab_size) {
+  const io::GgufReader r = io::GgufReader::open(path);
+  if (!r.has("tokenizer.ggml.tokens")) {
+    throw GgufError("GGUF export: " + path + " has no tokenizer.ggml.tokens");
+  }
+  const int64_t n = static_cast<int64_t>(r.get("tokenizer.ggml.tokens").size());
+  if (n != vocab_size) {
+    throw GgufError("GGUF export: " + path + " has " + std::to_string(n) +
+                    " tokens but the model's vocab_size is " + std::to_string(vocab_size));
+  }
+  for (const std::string& key : r.keys()) {
+    if (key.rfind("tokenizer.ggml.", 0) == 0 || key == "tokenizer.chat_template") {
+      w.add_value(r.get(key));
+    }
+  }
+}
+
+void add_tokenizer_from_json(io::GgufWriter& w, const std::string& dir, const LlamaConfig& config) {
+  const std::string tok_path = dir + "/tokenizer.json";
+  const json tok = parse_json(tok_path);
+  const json& model = tok.at("model");
+  if (model.value("type", "") != "BPE") {
+    throw GgufError("GGUF export: " + tok_path + ": model type '" + model.value("type", "") +
+                    "' is not supported (byte-level BPE only)");
+  }
+  std::map<int64_t, std::string> by_id;
+  for (const auto& [token, id] : model.at("vocab").items()) by_id[id.get<int64_t>()] = token;
+  std::map<int64_t, bool> special;  // added tokens: id -> special
+  if (tok.contains("added_tokens")) {
+    for (const json& t : tok["added_tokens"]) {
+      const int64_t id = t.at("id").get<int64_t>();
+      by_id[id] = t.at("content").get<std::string>();
+      special[id] = t.value("special", false);
+    }
+  }
+  const int64_t n = by_id.empty() ? 0 : by_id.rbegin()->first + 1;
+  if (n > config.vocab_size) {
+    throw GgufError("GGUF export: " + tok_path + " has ids up to " + std::to_string(n - 1) +
+                    " but the model's vocab_size is " + std::to_string(config.vocab_size));
+  }
+  std::vector<std::string> tokens(static_cast<size_t>(config.vocab_size));
+  std::vector<int32_t> types(static_cast<size_t>(config.vocab_size), 5);  // UNUSED padding
+  std::map<std::string, int64_t> ids;
+  for (int64_t i = 0; i < config.vocab_size; ++i) {
+    auto it = by_id.find(i);
+    if (it == by_id.end()) {
+      tokens[i] = "[PAD" + std::to_string(i) + "]";
+      continue;
+    }
+    tokens[i] = it->second;
+    ids.emplace(it->second, i);
+    auto s = special.find(i);
+    types[i] = (s != special.end() && s->second) ? 3 : 1;
+  }
+  std::vector<std::string> merges;
+  for (const json& m : model.at("merges")) {
+    if (m.is_string()) {
+      merges.push_back(m.get<std::string>());
+    } else if (m.is_array() && m.size() == 2) {
+      merges.push_back(m[0].get<std::string>() + " " + m[1].get<std::string>());
+    } else {
+      throw GgufError("GGUF export: " + tok_path + ": unreadable merge " + m.dump());
+    }
+  }
+  json cfg = json::object();
+  if (file_exists(dir + "/tokenizer_config.json")) cfg = parse_json(dir + "/tokenizer_config.json");
+
+  w.add_string("tokenizer.ggml.model", "gpt2");
+  w.add_string("tokenizer.ggml.pre", "default");
+  w.add_string_array("tokenizer.ggml.tokens", tokens);
+  w.add_i32_array("tokenizer.ggml.token_type", types);
+  w.add_string_array("tokenizer.ggml.merges", merges);
+
+  auto id_of = [&](const char* key, std::optional<int64_t> fallback) -> std::optional<int64_t> {
+    if (auto t = config_token(cfg, key)) {
+      auto it = ids.find(*t);
+      if (it != ids.end()) return it->second;
+    }
+    return fallback;
+  };
+  std::optional<int64_t> unk;
+  if (model.contains("unk_token") && model["unk_token"].is_string()) {
+    auto it = ids.find(model["unk_token"].get<std::string>());
+    if (it != ids.end()) unk = it->second;
+  }
+  const auto put_id = [&](const char* key, std::optional<int64_t> id) {
+    if (id && *id >= 0 && *id < config.vocab_size) w.add_u32(key, static_cast<uint32_t>(*id));
+  };
+  put_id("tokenizer.ggml.bos_token_id", id_of("bos_token", config.bos_token_id));
+  put_id("tokenizer.ggml.eos_token_id",
+         id_of("eos_token", config.eos_token_ids.empty()
+                                ? std::nullopt
+                                : std::optional<int64_t>(config.eos_token_ids[0])));
+  put_id("tokenizer.ggml.unknown_token_id", id_of("unk_token", unk));
+  put_id("tokenizer.ggml.padding_token_id", id_of("pad_token", config.pad_token_id));
+
+  bool add_bos = false;
+  if (cfg.contains("add_bos_token") && cfg["add_bos_token"].is_boolean()) {
+    add_bos = cfg["add_bos_token"].get<bool>();
+  } else if (tok.contains("post_processor") && tok["post_processor"].is_object() &&
+             tok["post_processor"].value("type", "") == "TemplateProcessing") {
+    const json& single = tok["post_processor"]["single"];
+    add_bos = single.is_array() && !single.empty() && single[0].contains("SpecialToken");
+  }
+  w.add_bool("tokenizer.ggml.add_bos_token", add_bos);
+  if (cfg.contains("add_eos_token") && cfg["add_eos_token"].is_boolean()) {
+    w.add_bool("tokenizer.ggml.add_eos_token", cfg["add_eos_token"].get<bool>());
+  }
+  if (cfg.contains("chat_template") && cfg["chat_template"].is_string()) {
+    w.add_string("tokenizer.chat_template", cfg["chat_template"].get<std::string>());
+  }
+}
+
+// llama3 rope scaling as llama.cpp's rope_freqs.weight: default inv_freq /
+// scaled inv_freq, per rotary pair.
+std::optional<at::Tensor> rope_freq_factors(const LlamaConfig& c) {
+  if (!c.rope_freq_factors.empty()) {
+    return at::tensor(c.rope_freq_factors, at::TensorOptions().dtype(at::kFloat));
+  }
+  if (c.rope_scaling.type != "llama3") return std::nullopt;
+  const at::Tensor scaled = c.rope_inv_freq().to(at::kCPU, at::kDouble);
+  const int64_t hd = c.attention_head_dim();
+  std::vector<double> factors(static_cast<size_t>(hd / 2));
+  for (int64_t i = 0; i < hd / 2; ++i) {
+    const double base = 1.0 / std::pow(c.rope_theta, static_cast<double>(2 * i) / hd);
+    factors[i] = base / scaled[i].item<double>();
+  }
+  return at::tensor(factors, at::TensorOptions().dtype(at::kDouble)).to(at::kFloat);
+}
+
+std::string base_path(const std::string& hf_weight_name) {
+  return hf_weight_name.substr(0, hf_weight_name.size() - std::string(".weight").size());
+}
+
+}  // namespace
+
+std::string gguf_tensor_name(const std::string& hf) {
+  if (hf == "model.embed_tokens.weight") return "token_embd.weight";
+  if (hf == "model.norm.weight") return "output_norm.weight";
+  if (hf == "lm_head.weight") return "output.weight";
+  const std::string prefix = "model.layers.";
+  if (hf.rfind(prefix, 0) == 0) {
+    const size_t dot = hf.find('.', prefix.size());
+    if (dot != std::string::npos && dot > prefix.size()) {
+      const std::string layer = hf.substr(prefix.size(), dot - prefix.size());
+      const bool digits = layer.find_first_not_of("0123456789") == std::string::npos;
+      auto it = layer_suffixes().find(hf.substr(dot + 1));
+      if (digits && it != layer_suffixes().end()) return "blk." + layer + "." + it->second;
+    }
+  }
+  throw GgufError("GGUF export: llama.cpp's 'llama' architecture has no tensor for '" + hf + "'");
+}
+
+std::vector<std::pair<std::string, at::Tensor>> merged_hf_weights(LlamaForCausalLM& model) {
+  torch::nn::Module& root = *model;
+  const LlamaConfig& c = model->config();
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  const at::Tensor embed = parameter(root, "model.embed_tokens.weight");
+  out.emplace_back("model.embed_tokens.weight", embed);
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    for (const char* name :
+         {"input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
+          "self_attn.v_proj.weight", "self_attn.o_proj.weight", "post_attention_layernorm.weight",
+          "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"}) {
+      const std::string full = p + name;
+      out.emplace_back(full, ends_with(full, "layernorm.weight")
+                                 ? parameter(root, full)
+                                 : linear_weight(root, base_path(full)));
+    }
+  }
+  out.emplace_back("model.norm.weight", parameter(root, "model.norm.weight"));
+  if (!c.tie_word_embeddings || is_lora(root, "lm_head")) {
+    out.emplace_back("lm_head.weight", linear_weight(root, "lm_head"));
+  }
+  return out;
+}
+
+void export_gguf_merged(LlamaForCausalLM& model, const std::string& tokenizer_source,
+                        const std::string& out_path, const std::string& outtype) {
+  const LlamaConfig& c = model->config();
+  check_exportable(c);
+  uint32_t file_type = 0;
+  const GgmlType matrix_type = parse_outtype(outtype, &file_type);
+
+  io::GgufWriter w;
+  w.add_string("general.architecture", "llama");
+  w.add_string("general.type", "model");
+  w.add_string("general.name", "qlora-cpp merged export");
+  w.add_u32("general.file_type", file_type);
+  w.add_u32("llama.vocab_size", static_cast<uint32_t>(c.vocab_size));
+  w.add_u32("llama.context_length", static_cast<uint32_t>(c.max_position_embeddings));
+  w.add_u32("llama.embedding_length", static_cast<uint32_t>(c.hidden_size));
+  w.add_u32("llama.block_count", static_cast<uint32_t>(c.num_hidden_layers));
+  w.add_u32("llama.feed_forward_length", static_cast<uint32_t>(c.intermediate_size));
+  w.add_u32("llama.attention.head_count", static_cast<uint32_t>(c.num_attention_heads));
+  w.add_u32("llama.attention.head_count_kv", static_cast<uint32_t>(c.num_key_value_heads));
+  w.add_u32("llama.rope.dimension_count", static_cast<uint32_t>(c.attention_head_dim()));
+  if (c.attention_head_dim() * c.num_attention_heads != c.hidden_size) {
+    w.add_u32("llama.attention.key_length", static_cast<uint32_t>(c.attention_head_dim()));
+    w.add_u32("llama.attention.value_length", static_cast<uint32_t>(c.attention_head_dim()));
+  }
+  w.add_f32("llama.attention.layer_norm_rms_epsilon", static_cast<float>(c.rms_norm_eps));
+  w.add_f32("llama.rope.freq_base", static_cast<float>(c.rope_theta));
+  if (c.rope_scaling.type == "linear") {
+    w.add_string("llama.rope.scaling.type", "linear");
+    w.add_f32("llama.rope.scaling.factor", static_cast<float>(c.rope_scaling.factor));
+  }
+
+  const bool is_gguf = ends_with(tokenizer_source, ".gguf");
+  if (is_gguf) {
+    add_tokenizer_from_gguf(w, tokenizer_source, c.vocab_size);
+  } else if (file_exists(tokenizer_source + "/tokenizer.json")) {
+    add_tokenizer_from_json(w, tokenizer_source, c);
+  } else {
+    throw GgufError("GGUF export: tokenizer source '" + tokenizer_source +
+                    "' is neither a .gguf file nor a folder holding tokenizer.json");
+  }
+
+  if (auto factors = rope_freq_factors(c))
+    w.add_tensor("rope_freqs.weight", *factors, GgmlType::F32);
+  for (auto& [hf, t] : merged_hf_weights(model)) {
+    const std::string name = gguf_tensor_name(hf);
+    at::Tensor data = t;
+    if (ends_with(hf, "q_proj.weight")) {
+      data = io::apply_llama_qk_permutation(t, c.num_attention_heads);
+    } else if (ends_with(hf, "k_proj.weight")) {
+      data = io::apply_llama_qk_permutation(t, c.num_key_value_heads);
+    }
+    w.add_tensor(name, data, data.dim() == 1 ? GgmlType::F32 : matrix_type);
+    t = at::Tensor();  // free as we go
+  }
+  w.write(out_path);
+}
+
+void export_gguf_adapter(LlamaForCausalLM& model, const std::string& out_path) {
+  const LlamaConfig& c = model->config();
+  check_exportable(c);
+  const auto layers = nn::lora_layers(*model);
+  if (layers.empty()) throw GgufError("GGUF export: the model has no LoRA layers to export");
+  for (const auto& [path, layer] : layers) {
+    if (layer->lora_config().use_dora) {
+      throw GgufError("GGUF export: layer " + path +
+                      " is a DoRA adapter; llama.cpp's LoRA adapters cannot express DoRA "
+                      "(export a merged model instead)");
+    }
+  }
+  const auto& first = layers.front().second;
+  const double alpha = first->scaling() * static_cast<double>(first->lora_A.size(0));
+  const float alpha_f = static_cast<float>(alpha);
+
+  io::GgufWriter w;
+  w.add_string("general.architecture", "llama");
+  w.add_string("general.type", "adapter");
+  w.add_string("general.name", "qlora-cpp LoRA adapter");
+  w.add_string("adapter.type", "lora");
+  w.add_f32("adapter.lora.alpha", alpha_f);
+  for (const auto& [path, layer] : layers) {
+    const std::string base = gguf_tensor_name(path + ".weight");
+    at::Tensor a = layer->lora_A.detach().to(at::kCPU, at::kFloat).contiguous();
+    at::Tensor b = layer->lora_B.detach().to(at::kCPU, at::kFloat).contiguous();
+    const int64_t r = a.size(0);
+    // llama.cpp scales by alpha / r (r = lora_b's ne[0]); fold any difference into B.
+    const double ratio = layer->scaling() / (static_cast<double>(alpha_f) / static_cast<double>(r));
+    if (std::abs(ratio - 1.0) > 1e-6) b = b * ratio;
+    if (ends_with(path, "self_attn.q_proj")) {
+      b = io::apply_llama_qk_permutation(b, c.num_attention_heads);
+    } else if (ends_with(path, "self_attn.k_proj")) {
+      b = io::apply_llama_qk_permutation(b, c.num_key_value_heads);
+    }
+    w.add_tensor(base + ".lora_a", a, GgmlType::F32);  // ne [in, r]
+    w.add_tensor(base + ".lora_b", b, GgmlType::F32);  // ne [r, out]
+  }
+  w.write(out_path);
+}
+
+}  // namespace qlora::models
