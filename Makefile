@@ -25,6 +25,9 @@ demo: configure
 	cmake --build $(BUILD_DIR) -j $(JOBS) --target qlora_cli
 	.venv/bin/python tools/make_wordnet_dataset.py --out $(BUILD_DIR)/data/wordnet
 	$(BUILD_DIR)/tools/qlora train configs/demo.yaml $(DEMO_ARGS)
+	$(BUILD_DIR)/tools/qlora export configs/demo.yaml --adapter runs/demo/adapter --format gguf --outtype q8_0 --out runs/demo/merged.q8_0.gguf
+	$(BUILD_DIR)/tools/qlora export configs/demo.yaml --adapter runs/demo/adapter --format gguf-adapter --out runs/demo/adapter.gguf
+	$(BUILD_DIR)/tools/qlora export configs/demo.yaml --adapter runs/demo/adapter --format qnat --out runs/demo/model.qnat
 
 format:
 	@find include csrc tests benchmarks tools -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' | xargs clang-format -i

@@ -33,21 +33,22 @@ qlora::models::LoadOptions load_options() {
   return o;
 }
 
-// The QNAT file of the same model, written once per process.
+// The QNAT file of the same model, written once per process and removed at
+// exit (the path is leaked on purpose so that the atexit handler outlives it).
 const std::string& qnat_path() {
-  static const std::string path = [] {
-    const std::string p = "/tmp/bench_qnat_" + std::to_string(::getpid()) + ".qnat";
+  static const std::string* path = [] {
+    auto* p = new std::string("/tmp/bench_qnat_" + std::to_string(::getpid()) + ".qnat");
     auto model = qlora::models::load_llama(gguf_path(), load_options());
     qlora::io::QnatMetadata meta;
     meta.tokenizer_source = gguf_path();
     meta.tokenizer_kind = "gguf";
     meta.lora = load_options().lora;
     meta.quantization = load_options().quantize;
-    qlora::io::save_qnat(p, model, meta);
+    qlora::io::save_qnat(*p, model, meta);
     std::atexit([] { std::remove(qnat_path().c_str()); });
     return p;
   }();
-  return path;
+  return *path;
 }
 
 void BM_LoadGgufQuantizeNf4(benchmark::State& state) {

@@ -299,27 +299,40 @@ std::string gguf_tensor_name(const std::string& hf) {
   throw GgufError("GGUF export: llama.cpp's 'llama' architecture has no tensor for '" + hf + "'");
 }
 
-std::vector<std::pair<std::string, at::Tensor>> merged_hf_weights(LlamaForCausalLM& model) {
-  torch::nn::Module& root = *model;
+namespace {
+
+// The HF names merged_hf_weights returns, in order.
+std::vector<std::string> hf_weight_names(LlamaForCausalLM& model) {
   const LlamaConfig& c = model->config();
-  std::vector<std::pair<std::string, at::Tensor>> out;
-  const at::Tensor embed = parameter(root, "model.embed_tokens.weight");
-  out.emplace_back("model.embed_tokens.weight", embed);
+  std::vector<std::string> names = {"model.embed_tokens.weight"};
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
     const std::string p = "model.layers." + std::to_string(i) + ".";
     for (const char* name :
          {"input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
           "self_attn.v_proj.weight", "self_attn.o_proj.weight", "post_attention_layernorm.weight",
           "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"}) {
-      const std::string full = p + name;
-      out.emplace_back(full, ends_with(full, "layernorm.weight")
-                                 ? parameter(root, full)
-                                 : linear_weight(root, base_path(full)));
+      names.push_back(p + name);
     }
   }
-  out.emplace_back("model.norm.weight", parameter(root, "model.norm.weight"));
-  if (!c.tie_word_embeddings || is_lora(root, "lm_head")) {
-    out.emplace_back("lm_head.weight", linear_weight(root, "lm_head"));
+  names.push_back("model.norm.weight");
+  if (!c.tie_word_embeddings || is_lora(*model, "lm_head")) names.push_back("lm_head.weight");
+  return names;
+}
+
+// One float32 CPU weight by HF name, merged when it is a LoRA layer.
+at::Tensor hf_weight(LlamaForCausalLM& model, const std::string& name) {
+  if (ends_with(name, "norm.weight") || name == "model.embed_tokens.weight") {
+    return parameter(*model, name);
+  }
+  return linear_weight(*model, base_path(name));
+}
+
+}  // namespace
+
+std::vector<std::pair<std::string, at::Tensor>> merged_hf_weights(LlamaForCausalLM& model) {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  for (const std::string& name : hf_weight_names(model)) {
+    out.emplace_back(name, hf_weight(model, name));
   }
   return out;
 }
@@ -367,8 +380,10 @@ void export_gguf_merged(LlamaForCausalLM& model, const std::string& tokenizer_so
 
   if (auto factors = rope_freq_factors(c))
     w.add_tensor("rope_freqs.weight", *factors, GgmlType::F32);
-  for (auto& [hf, t] : merged_hf_weights(model)) {
+  // One weight at a time: only its encoded bytes stay in memory.
+  for (const std::string& hf : hf_weight_names(model)) {
     const std::string name = gguf_tensor_name(hf);
+    const at::Tensor t = hf_weight(model, hf);
     at::Tensor data = t;
     if (ends_with(hf, "q_proj.weight")) {
       data = io::apply_llama_qk_permutation(t, c.num_attention_heads);
@@ -376,7 +391,6 @@ void export_gguf_merged(LlamaForCausalLM& model, const std::string& tokenizer_so
       data = io::apply_llama_qk_permutation(t, c.num_key_value_heads);
     }
     w.add_tensor(name, data, data.dim() == 1 ? GgmlType::F32 : matrix_type);
-    t = at::Tensor();  // free as we go
   }
   w.write(out_path);
 }

@@ -10,7 +10,6 @@
 #include <string>
 #include <vector>
 
-#include "io/ggml_quant.h"
 #include "qlora/io/gguf.h"
 #include "qlora/io/gguf_writer.h"
 #include "test_utils.h"
@@ -167,26 +166,39 @@ TEST(GgufWriter, RejectsWhatLlamaCppRejects) {
   EXPECT_EQ(w.tensor_count(), 1u);
 }
 
+// The stored bytes of `data` written as `type`, read back raw.
+std::vector<uint8_t> encode(const at::Tensor& data, GgmlType type) {
+  TempDir dir;
+  const std::string path = dir.write("one.gguf", "");
+  GgufWriter w;
+  w.add_tensor("t", data, type);
+  w.write(path);
+  const at::Tensor raw = GgufReader::open(path).raw("t").contiguous();
+  const uint8_t* p = raw.data_ptr<uint8_t>();
+  return std::vector<uint8_t>(p, p + raw.numel());
+}
+
 // Hand-computed blocks, following quantize_row_q{8,4}_0_ref.
 TEST(GgmlQuant, ReferenceBlocks) {
-  std::vector<float> x(32);
-  for (int j = 0; j < 32; ++j) x[j] = static_cast<float>(j - 16);  // largest magnitude: -16
-  const std::vector<uint8_t> q4 = detail::quantize_ggml(GgmlType::Q4_0, x.data(), 32, 32, "x");
+  const at::Tensor x = at::arange(32, at::kFloat) - 16;  // largest magnitude: -16
+  const std::vector<uint8_t> q4 = encode(x, GgmlType::Q4_0);
   ASSERT_EQ(q4.size(), 18u);
   EXPECT_EQ(q4[0] | (q4[1] << 8), 0x4000);  // d = -16 / -8 = 2
   EXPECT_EQ(q4[2], 0x80);                   // x[0] -> 0, x[16] -> 8
   EXPECT_EQ(q4[17], 0xf8);                  // x[15] -> (int)(-0.5 + 8.5) = 8, x[31] -> 16 -> 15
-  const std::vector<uint8_t> q8 = detail::quantize_ggml(GgmlType::Q8_0, x.data(), 32, 32, "x");
+  const std::vector<uint8_t> q8 = encode(x, GgmlType::Q8_0);
   ASSERT_EQ(q8.size(), 34u);
   EXPECT_EQ(q8[0] | (q8[1] << 8), c10::Half(16.0f / 127.0f).x);
   EXPECT_EQ(static_cast<int8_t>(q8[2]), -127);
   EXPECT_EQ(static_cast<int8_t>(q8[2 + 24]), 64);  // 8 * 127 / 16 = 63.5 -> 64 (away from zero)
-  std::vector<float> zeros(32, 0.0f);
-  const std::vector<uint8_t> z = detail::quantize_ggml(GgmlType::Q4_0, zeros.data(), 32, 32, "z");
+  const std::vector<uint8_t> z = encode(at::zeros({32}), GgmlType::Q4_0);
   for (size_t i = 2; i < z.size(); ++i) EXPECT_EQ(z[i], 0x88);
-  EXPECT_EQ(detail::fp32_to_bf16(1.0f + 1.0f / 256), 0x3f80);  // tie to even
-  EXPECT_EQ(detail::fp32_to_bf16(1.0f + 3.0f / 256), 0x3f82);
-  EXPECT_EQ(detail::fp32_to_bf16(std::nanf("")) & 0x7fc0, 0x7fc0);
+  const std::vector<uint8_t> bf =
+      encode(at::tensor({1.0f + 1.0f / 256, 1.0f + 3.0f / 256, std::nanf("")}), GgmlType::BF16);
+  ASSERT_EQ(bf.size(), 6u);
+  EXPECT_EQ(bf[0] | (bf[1] << 8), 0x3f80);  // ties round to even
+  EXPECT_EQ(bf[2] | (bf[3] << 8), 0x3f82);
+  EXPECT_EQ((bf[4] | (bf[5] << 8)) & 0x7fc0, 0x7fc0);  // NaN stays a quiet NaN
 }
 
 TEST(GgmlQuant, Q8AndQ4RoundTripWithinTheTypesError) {

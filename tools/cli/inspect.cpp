@@ -6,6 +6,7 @@
 #include <stdexcept>
 
 #include "qlora/io/gguf.h"
+#include "qlora/io/qnat.h"
 #include "qlora/io/safetensors.h"
 
 namespace qlora::cli {
@@ -51,14 +52,24 @@ int inspect_safetensors(const std::string& path, std::ostream& out) {
   return 0;
 }
 
+int inspect_qnat(const std::string& path, std::ostream& out) {
+  const auto f = io::QnatFile::open(path);
+  out << path << ": QNAT, " << f.tensors().size() << " tensors, adapter "
+      << (f.has_adapter() ? "included" : "not included") << ", checksums verified\n";
+  for (const auto& t : f.tensors())
+    out << "  " << t.name << " " << at::IntArrayRef(t.shape) << "\n";
+  return 0;
+}
+
 }  // namespace
 
 int inspect(const std::string& path, std::ostream& out) {
   const std::string magic = magic_of(path);
   if (magic == "GGUF") return inspect_gguf(path, out);
+  if (magic == "QNAT") return inspect_qnat(path, out);
   if (path.size() > 12 && path.compare(path.size() - 12, 12, ".safetensors") == 0)
     return inspect_safetensors(path, out);
-  throw std::runtime_error(path + ": not a GGUF (magic \"GGUF\") or .safetensors file");
+  throw std::runtime_error(path + ": not a GGUF, QNAT or .safetensors file");
 }
 
 }  // namespace qlora::cli

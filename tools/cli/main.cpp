@@ -15,6 +15,8 @@
 #include <iostream>
 
 #include "inspect.h"
+#include "qlora/io/qnat.h"
+#include "qlora/models/gguf_export.h"
 #include "qlora/models/loader.h"
 #include "qlora/models/saver.h"
 #include "qlora/nn/peft_adapter.h"
@@ -128,6 +130,18 @@ int export_model(const TrainConfig& config, const std::string& adapter, const st
     qlora::nn::save_peft_adapter(out, *model, trainer.lora_config(), {config.model.path});
   } else if (format == "hf") {
     qlora::models::save_hf_merged_folder(model, out, dtype_of_outtype(outtype), config.model.path);
+  } else if (format == "gguf") {
+    qlora::models::export_gguf_merged(
+        model, config.model.tokenizer.empty() ? config.model.path : config.model.tokenizer, out,
+        outtype);
+  } else if (format == "gguf-adapter") {
+    qlora::models::export_gguf_adapter(model, out);
+  } else if (format == "qnat") {
+    qlora::io::QnatMetadata meta;
+    meta.tokenizer_source =
+        config.model.tokenizer.empty() ? config.model.path : config.model.tokenizer;
+    meta.lora = trainer.lora_config();
+    qlora::io::save_qnat(out, *model, meta);
   }
   std::cout << "wrote " << out << " (" << format << ")\n";
   return 0;
@@ -179,17 +193,17 @@ int main(int argc, char** argv) {
   quant_cmd->add_flag("!--no-double-quant", double_quant, "skip double quantisation of absmax");
 
   std::string format, outtype = "f16";
-  auto* export_cmd =
-      app.add_subcommand("export", "write a fine-tune out: PEFT adapter or merged HF folder");
+  auto* export_cmd = app.add_subcommand(
+      "export", "write a fine-tune out: PEFT adapter, merged HF folder, GGUF, QNAT");
   export_cmd->add_option("config", config, "YAML config naming the model")
       ->check(CLI::ExistingFile);
   export_cmd->add_option("--model", gen_model, "model path (instead of a config)");
   export_cmd->add_option("--adapter", adapter, "PEFT adapter folder of the fine-tune");
-  export_cmd->add_option("--format", format, "peft | hf")
+  export_cmd->add_option("--format", format, "peft | hf | gguf | gguf-adapter | qnat")
       ->required()
-      ->check(CLI::IsMember({"peft", "hf"}));
+      ->check(CLI::IsMember({"peft", "hf", "gguf", "gguf-adapter", "qnat"}));
   export_cmd->add_option("--out", out_dir, "output folder or file")->required();
-  export_cmd->add_option("--outtype", outtype, "hf: f32 | f16 | bf16");
+  export_cmd->add_option("--outtype", outtype, "hf: f32 | f16 | bf16; gguf: also q8_0 | q4_0");
   export_cmd->add_option("--set", sets, "override a config key");
 
   auto* inspect_cmd = app.add_subcommand("inspect", "summarise a safetensors or GGUF file");
