@@ -65,7 +65,6 @@ std::string file_label(const std::string& path) { return "GGUF file " + quote(pa
   throw GgufError(file_label(path) + ": " + message);
 }
 
-
 uint64_t pad_to(uint64_t n, uint64_t alignment) {
   return (n + alignment - 1) / alignment * alignment;
 }
@@ -74,31 +73,8 @@ bool valid_gguf_type(int32_t raw) {
   return raw >= 0 && raw <= static_cast<int32_t>(GgufType::FLOAT64);
 }
 
-// Bytes of one stored scalar; 0 for STRING and ARRAY.
-uint64_t scalar_bytes(GgufType type) {
-  switch (type) {
-    case GgufType::UINT8:
-    case GgufType::INT8:
-    case GgufType::BOOL:
-      return 1;
-    case GgufType::UINT16:
-    case GgufType::INT16:
-      return 2;
-    case GgufType::UINT32:
-    case GgufType::INT32:
-    case GgufType::FLOAT32:
-      return 4;
-    case GgufType::UINT64:
-    case GgufType::INT64:
-    case GgufType::FLOAT64:
-      return 8;
-    default:
-      return 0;
-  }
-}
-
 bool is_integer_type(GgufType type) {
-  return scalar_bytes(type) != 0 && type != GgufType::BOOL && type != GgufType::FLOAT32 &&
+  return gguf_scalar_bytes(type) != 0 && type != GgufType::BOOL && type != GgufType::FLOAT32 &&
          type != GgufType::FLOAT64;
 }
 
@@ -293,7 +269,7 @@ void GgufValueAccess::read_scalar(Cursor& in, GgufValue* v) {
     v->strings_.push_back(in.read_string(what));
     return;
   }
-  v->bytes_.resize(scalar_bytes(v->type_));
+  v->bytes_.resize(gguf_scalar_bytes(v->type_));
   in.read_bytes(v->bytes_.size(), v->bytes_.data(), what);
   if (v->type_ == GgufType::BOOL) check_bools(in, *v);
 }
@@ -312,7 +288,7 @@ void GgufValueAccess::read_array(Cursor& in, GgufValue* v) {
   v->element_type_ = static_cast<GgufType>(raw);
   // Strings take at least their 8-byte length each.
   const uint64_t min_bytes =
-      v->element_type_ == GgufType::STRING ? 8 : scalar_bytes(v->element_type_);
+      v->element_type_ == GgufType::STRING ? 8 : gguf_scalar_bytes(v->element_type_);
   if (v->count_ > in.remaining() / min_bytes) {
     fail(in.path(), "key " + quote(key) + " claims " + std::to_string(v->count_) + " elements of " +
                         gguf_type_name(v->element_type_) + " (at least " +
@@ -518,6 +494,28 @@ void check_no_overlap(const std::string& path, const std::vector<GgufTensorInfo>
 }  // namespace
 
 // ---------------------------------------------------------------- types
+
+uint64_t gguf_scalar_bytes(GgufType type) {
+  switch (type) {
+    case GgufType::UINT8:
+    case GgufType::INT8:
+    case GgufType::BOOL:
+      return 1;
+    case GgufType::UINT16:
+    case GgufType::INT16:
+      return 2;
+    case GgufType::UINT32:
+    case GgufType::INT32:
+    case GgufType::FLOAT32:
+      return 4;
+    case GgufType::UINT64:
+    case GgufType::INT64:
+    case GgufType::FLOAT64:
+      return 8;
+    default:
+      return 0;
+  }
+}
 
 std::string gguf_type_name(GgufType type) {
   static const char* const kNames[] = {"UINT8",  "INT8",    "UINT16", "INT16",  "UINT32",

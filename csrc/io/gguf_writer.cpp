@@ -15,28 +15,6 @@ namespace {
 constexpr size_t kMaxNameBytes = 64;  // GGML_MAX_NAME: names must be shorter
 constexpr size_t kMaxDims = 4;
 
-size_t scalar_size(GgufType type) {
-  switch (type) {
-    case GgufType::UINT8:
-    case GgufType::INT8:
-    case GgufType::BOOL:
-      return 1;
-    case GgufType::UINT16:
-    case GgufType::INT16:
-      return 2;
-    case GgufType::UINT32:
-    case GgufType::INT32:
-    case GgufType::FLOAT32:
-      return 4;
-    case GgufType::UINT64:
-    case GgufType::INT64:
-    case GgufType::FLOAT64:
-      return 8;
-    default:
-      return 0;
-  }
-}
-
 uint64_t pad_to(uint64_t n, uint64_t alignment) {
   return (n + alignment - 1) / alignment * alignment;
 }
@@ -130,7 +108,7 @@ void GgufWriter::add_string_array(const std::string& key, const std::vector<std:
 
 void GgufWriter::add_array_raw(const std::string& key, GgufType element_type, uint64_t count,
                                std::vector<uint8_t> bytes) {
-  const size_t size = scalar_size(element_type);
+  const size_t size = gguf_scalar_bytes(element_type);
   if (size == 0) {
     throw GgufError("GGUF writer: key '" + key + "': array elements of type " +
                     gguf_type_name(element_type) + " need their own add_*_array");
@@ -205,7 +183,7 @@ void GgufWriter::add_value(const GgufValue& v, const std::string& key_override) 
   const GgufType el = v.element_type();
   if (el == GgufType::STRING) return add_string_array(key, v.get_string_array());
   if (el == GgufType::FLOAT32) return add_f32_array(key, v.get_f32_array());
-  const size_t size = scalar_size(el);
+  const size_t size = gguf_scalar_bytes(el);
   if (size == 0 || el == GgufType::BOOL || el == GgufType::FLOAT64) {
     throw GgufError("GGUF writer: key '" + key + "': cannot copy an array of " +
                     gguf_type_name(el));

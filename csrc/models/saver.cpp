@@ -2,6 +2,7 @@
 
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 
 #include "../util/fs.h"
 #include "qlora/io/atomic_file.h"
@@ -12,20 +13,34 @@
 
 namespace qlora::models {
 
-void save_bnb_4bit_folder(LlamaForCausalLM& model, const std::string& dir, const QuantConfig& quant,
-                          at::ScalarType compute_dtype) {
-  std::map<std::string, at::Tensor> tensors;
+namespace {
+
+// The model's parameters outside its LoRA layers (embeddings, norms, a dense
+// head), minus a tied lm_head, optionally cast.
+std::map<std::string, at::Tensor> dense_tensors(LlamaForCausalLM& model,
+                                                std::optional<at::ScalarType> dtype) {
   const auto layers = nn::lora_layers(*model);
   auto inside_layer = [&](const std::string& name) {
     for (const auto& [path, layer] : layers)
       if (name.rfind(path + ".", 0) == 0) return true;
     return false;
   };
+  std::map<std::string, at::Tensor> tensors;
   for (const auto& p : model->named_parameters(true)) {
     if (inside_layer(p.key())) continue;
     if (p.key() == "lm_head.weight" && model->config().tie_word_embeddings) continue;
-    tensors[p.key()] = p.value().detach().contiguous();
+    const at::Tensor t = p.value().detach();
+    tensors[p.key()] = (dtype ? t.to(*dtype) : t).contiguous();
   }
+  return tensors;
+}
+
+}  // namespace
+
+void save_bnb_4bit_folder(LlamaForCausalLM& model, const std::string& dir, const QuantConfig& quant,
+                          at::ScalarType compute_dtype) {
+  std::map<std::string, at::Tensor> tensors = dense_tensors(model, std::nullopt);
+  const auto layers = nn::lora_layers(*model);
   int64_t quantized = 0;
   for (const auto& [path, layer] : layers) {
     if (auto* q = dynamic_cast<nn::QLoRALinearImpl*>(layer.get())) {
@@ -71,18 +86,8 @@ int copy_tokenizer_files(const std::string& from_dir, const std::string& to_dir)
 
 void save_hf_merged_folder(LlamaForCausalLM& model, const std::string& dir, at::ScalarType dtype,
                            const std::string& tokenizer_source) {
-  std::map<std::string, at::Tensor> tensors;
+  std::map<std::string, at::Tensor> tensors = dense_tensors(model, dtype);
   const auto layers = nn::lora_layers(*model);
-  auto inside_layer = [&](const std::string& name) {
-    for (const auto& [path, layer] : layers)
-      if (name.rfind(path + ".", 0) == 0) return true;
-    return false;
-  };
-  for (const auto& p : model->named_parameters(true)) {
-    if (inside_layer(p.key())) continue;
-    if (p.key() == "lm_head.weight" && model->config().tie_word_embeddings) continue;
-    tensors[p.key()] = p.value().detach().to(dtype).contiguous();
-  }
   for (const auto& [path, layer] : layers) {
     tensors[path + ".weight"] = layer->merged_weight(at::kFloat).to(dtype).contiguous();
     if (auto b = layer->base_bias()) tensors[path + ".bias"] = b->detach().to(dtype).contiguous();

@@ -56,6 +56,8 @@ enum class GgufType : int32_t {
 
 // "UINT32", "ARRAY", ...; "invalid type N" for numbers outside the enum.
 std::string gguf_type_name(GgufType type);
+// Bytes of one stored scalar of `type`; 0 for STRING and ARRAY.
+uint64_t gguf_scalar_bytes(GgufType type);
 
 // The ggml tensor types this reader knows, numbered as in the file. Files
 // holding any other type (IQ*, TQ*, ...) are rejected when opened, because
