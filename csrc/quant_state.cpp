@@ -69,12 +69,18 @@ void check_code_table(const std::string& key, const at::Tensor& stored, const st
 
 std::string dtype_name(at::ScalarType dtype) {
   switch (dtype) {
-    case at::kFloat: return "float32";
-    case at::kHalf: return "float16";
-    case at::kBFloat16: return "bfloat16";
-    case at::kDouble: return "float64";
-    case at::kByte: return "uint8";
-    default: TORCH_CHECK(false, "no bitsandbytes name for dtype ", dtype);
+    case at::kFloat:
+      return "float32";
+    case at::kHalf:
+      return "float16";
+    case at::kBFloat16:
+      return "bfloat16";
+    case at::kDouble:
+      return "float64";
+    case at::kByte:
+      return "uint8";
+    default:
+      TORCH_CHECK(false, "no bitsandbytes name for dtype ", dtype);
   }
 }
 
@@ -96,29 +102,29 @@ int64_t QuantState::numel() const {
 
 at::Tensor QuantState::float_absmax() const {
   if (!nested) return absmax;
-  at::Tensor a = dequantize_blockwise(absmax, nested->absmax, nested->code, nested->blocksize,
-                                      at::kFloat);
+  at::Tensor a =
+      dequantize_blockwise(absmax, nested->absmax, nested->code, nested->blocksize, at::kFloat);
   return a.add_(nested->offset);
 }
 
 std::string QuantState::to_json() const {
   // Field order and separators of Python's json.dumps, as bitsandbytes
   // writes it, so files are byte-identical to bitsandbytes' own.
-  std::string s = "{\"quant_type\": \"" + quant_type + "\", \"blocksize\": " +
-                  std::to_string(blocksize) + ", \"dtype\": \"" + dtype_name(dtype) +
-                  "\", \"shape\": [";
+  std::string s = "{\"quant_type\": \"" + quant_type +
+                  "\", \"blocksize\": " + std::to_string(blocksize) + ", \"dtype\": \"" +
+                  dtype_name(dtype) + "\", \"shape\": [";
   for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
   s += "]";
   if (nested) {
-    s += ", \"nested_blocksize\": " + std::to_string(nested->blocksize) +
-         ", \"nested_dtype\": \"" + dtype_name(nested->dtype) +
+    s += ", \"nested_blocksize\": " + std::to_string(nested->blocksize) + ", \"nested_dtype\": \"" +
+         dtype_name(nested->dtype) +
          "\", \"nested_offset\": " + detail::python_float_repr(nested->offset);
   }
   return s + "}";
 }
 
 std::map<std::string, at::Tensor> QuantState::to_state_dict(const std::string& prefix,
-                                                             const at::Tensor& packed) const {
+                                                            const at::Tensor& packed) const {
   std::map<std::string, at::Tensor> out;
   out[prefix] = packed;
   out[prefix + ".absmax"] = absmax;
@@ -151,8 +157,9 @@ std::pair<at::Tensor, QuantState> QuantState::from_state_dict(
 
   QuantState st;
   st.quant_type = json_field<std::string>(j, state_key, "quant_type");
-  TORCH_CHECK(state_key.size() >= 3 && state_key.compare(state_key.size() - 3, 3, st.quant_type) == 0,
-              "\"", state_key, "\" declares quant_type \"", st.quant_type, "\"");
+  TORCH_CHECK(
+      state_key.size() >= 3 && state_key.compare(state_key.size() - 3, 3, st.quant_type) == 0, "\"",
+      state_key, "\" declares quant_type \"", st.quant_type, "\"");
   st.blocksize = json_field<int64_t>(j, state_key, "blocksize");
   st.dtype = dtype_from_name(json_field<std::string>(j, state_key, "dtype"));
   st.shape = json_field<std::vector<int64_t>>(j, state_key, "shape");

@@ -62,15 +62,14 @@ class Matmul4bitFunction : public torch::autograd::Function<Matmul4bitFunction> 
     if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3)) {
       grad_bias = grad_out.reshape_symint({-1, shapeB[0]}).sum(0);
     }
-    return {grad_x, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            grad_bias};
+    return {grad_x,       at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), grad_bias};
   }
 };
 
-at::Tensor matmul_4bit_autograd(const at::Tensor& x, const at::Tensor& B,
-                                const at::Tensor& absmax, int64_t blocksize,
-                                std::string_view quant_type, c10::SymIntArrayRef shapeB,
-                                const std::optional<at::Tensor>& bias) {
+at::Tensor matmul_4bit_autograd(const at::Tensor& x, const at::Tensor& B, const at::Tensor& absmax,
+                                int64_t blocksize, std::string_view quant_type,
+                                c10::SymIntArrayRef shapeB, const std::optional<at::Tensor>& bias) {
   return Matmul4bitFunction::apply(x, B, absmax, blocksize, quant_type, shapeB, bias);
 }
 

@@ -8,8 +8,8 @@ namespace {
 
 template <typename T>
 __global__ void quantize_blockwise_kernel(const T* __restrict__ in, int64_t n, int64_t blocksize,
-                                          const float* __restrict__ code,
-                                          uint8_t* __restrict__ out, float* __restrict__ absmax,
+                                          const float* __restrict__ code, uint8_t* __restrict__ out,
+                                          float* __restrict__ absmax,
                                           unsigned long long* bad_block) {
   __shared__ float bounds[255];
   for (int i = threadIdx.x; i < 255; i += blockDim.x) bounds[i] = (code[i] + code[i + 1]) / 2.0f;
@@ -22,7 +22,8 @@ __global__ void quantize_blockwise_kernel(const T* __restrict__ in, int64_t n, i
   const int64_t len = min(blocksize, n - start);
 
   uint32_t bits = 0;
-  for (int64_t i = lane; i < len; i += 32) bits = max(bits, detail::abs_bits(to_float(in[start + i])));
+  for (int64_t i = lane; i < len; i += 32)
+    bits = max(bits, detail::abs_bits(to_float(in[start + i])));
   bits = warp_max_u32(bits);
   if (bits >= detail::kNonFiniteBits) {
     if (lane == 0) atomicMin(bad_block, static_cast<unsigned long long>(block));

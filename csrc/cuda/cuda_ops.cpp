@@ -19,10 +19,14 @@ namespace {
 
 Dtype to_dtype(at::ScalarType t) {
   switch (t) {
-    case at::kFloat: return Dtype::kFloat32;
-    case at::kHalf: return Dtype::kFloat16;
-    case at::kBFloat16: return Dtype::kBFloat16;
-    default: TORCH_CHECK(false, "qlora CUDA kernels: unsupported dtype ", t);
+    case at::kFloat:
+      return Dtype::kFloat32;
+    case at::kHalf:
+      return Dtype::kFloat16;
+    case at::kBFloat16:
+      return Dtype::kBFloat16;
+    default:
+      TORCH_CHECK(false, "qlora CUDA kernels: unsupported dtype ", t);
   }
 }
 
@@ -55,7 +59,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& A, int64
   const int64_t n = input.numel();
   const int64_t nbytes = (n + 1) / 2;
   at::Tensor packed = at::empty({nbytes, 1}, input.options().dtype(at::kByte));
-  at::Tensor absmax = at::empty({detail::ceil_div(n, blocksize)}, input.options().dtype(at::kFloat));
+  at::Tensor absmax =
+      at::empty({detail::ceil_div(n, blocksize)}, input.options().dtype(at::kFloat));
   at::Tensor bad = new_bad_block_flag(input);
   C10_CUDA_CHECK(quantize_4bit(input.const_data_ptr(), to_dtype(input.scalar_type()), n, blocksize,
                                type, packed.mutable_data_ptr<uint8_t>(),
@@ -94,9 +99,9 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& A, const at::Tensor& absmax, i
 void dequantize_4bit_out_cuda(const at::Tensor& A, const at::Tensor& absmax, int64_t blocksize,
                               std::string_view quant_type, c10::SymIntArrayRef shape,
                               at::ScalarType dtype, at::Tensor& out) {
-  const int64_t n = detail::check_dequantize_4bit_out(A, absmax, blocksize, quant_type, shape,
-                                                      dtype, out)
-                        .expect_int();
+  const int64_t n =
+      detail::check_dequantize_4bit_out(A, absmax, blocksize, quant_type, shape, dtype, out)
+          .expect_int();
   dequantize_4bit_into(A, absmax, blocksize, quant_type, n, out);
 }
 
@@ -110,13 +115,13 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& A,
   const at::Tensor table = code.contiguous();
   const int64_t n = input.numel();
   at::Tensor out = at::empty(input.sizes(), input.options().dtype(at::kByte));
-  at::Tensor absmax = at::empty({detail::ceil_div(n, blocksize)}, input.options().dtype(at::kFloat));
+  at::Tensor absmax =
+      at::empty({detail::ceil_div(n, blocksize)}, input.options().dtype(at::kFloat));
   at::Tensor bad = new_bad_block_flag(input);
-  C10_CUDA_CHECK(quantize_blockwise(input.const_data_ptr(), to_dtype(input.scalar_type()), n,
-                                    blocksize, table.const_data_ptr<float>(),
-                                    out.mutable_data_ptr<uint8_t>(),
-                                    absmax.mutable_data_ptr<float>(), flag_ptr(bad),
-                                    at::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(quantize_blockwise(
+      input.const_data_ptr(), to_dtype(input.scalar_type()), n, blocksize,
+      table.const_data_ptr<float>(), out.mutable_data_ptr<uint8_t>(),
+      absmax.mutable_data_ptr<float>(), flag_ptr(bad), at::cuda::getCurrentCUDAStream()));
   raise_if_bad("quantize_blockwise", bad, blocksize);
   return {out, absmax};
 }

@@ -47,9 +47,12 @@ __device__ __forceinline__ float warp_sum(float v) {
 template <typename F>
 cudaError_t dispatch_dtype(Dtype dtype, F&& f) {
   switch (dtype) {
-    case Dtype::kFloat32: return f(float{});
-    case Dtype::kFloat16: return f(__half{});
-    case Dtype::kBFloat16: return f(__nv_bfloat16{});
+    case Dtype::kFloat32:
+      return f(float{});
+    case Dtype::kFloat16:
+      return f(__half{});
+    case Dtype::kBFloat16:
+      return f(__nv_bfloat16{});
   }
   return cudaErrorInvalidValue;
 }

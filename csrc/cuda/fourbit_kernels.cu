@@ -9,7 +9,9 @@ namespace {
 using detail::FourBitTables;
 
 __constant__ FourBitTables c_tables[2] = {
-    {{QLORA_NF4_VALUES}, {QLORA_NF4_BOUNDS}, {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}},
+    {{QLORA_NF4_VALUES},
+     {QLORA_NF4_BOUNDS},
+     {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}},
     {{QLORA_FP4_VALUES}, {QLORA_FP4_BOUNDS}, {QLORA_FP4_ORDER}},
 };
 
@@ -25,7 +27,8 @@ __global__ void quantize_4bit_kernel(const T* __restrict__ in, int64_t n, int64_
   const FourBitTables& t = c_tables[quant_type];
 
   uint32_t bits = 0;
-  for (int64_t i = lane; i < len; i += 32) bits = max(bits, detail::abs_bits(to_float(in[start + i])));
+  for (int64_t i = lane; i < len; i += 32)
+    bits = max(bits, detail::abs_bits(to_float(in[start + i])));
   bits = warp_max_u32(bits);
   if (bits >= detail::kNonFiniteBits) {
     if (lane == 0) atomicMin(bad_block, static_cast<unsigned long long>(block));
@@ -67,9 +70,9 @@ __global__ void dequantize_4bit_kernel(const uint8_t* __restrict__ packed,
 
 }  // namespace
 
-cudaError_t quantize_4bit(const void* in, Dtype dtype, int64_t n, int64_t blocksize,
-                          int quant_type, uint8_t* packed, float* absmax,
-                          unsigned long long* bad_block, cudaStream_t stream) {
+cudaError_t quantize_4bit(const void* in, Dtype dtype, int64_t n, int64_t blocksize, int quant_type,
+                          uint8_t* packed, float* absmax, unsigned long long* bad_block,
+                          cudaStream_t stream) {
   const int64_t blocks = detail::ceil_div(n, blocksize);
   if (blocks == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) {

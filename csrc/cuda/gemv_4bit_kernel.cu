@@ -24,8 +24,8 @@ __global__ void gemv_4bit_kernel(const T* __restrict__ A, int64_t M, int64_t N, 
     for (int64_t k = lane; k < K; k += 32) {
       const int64_t t = base + k;
       // Round the weight to T first: what dequantize-to-T + matmul would see.
-      const float w = to_float(from_float<T>(table[detail::nibble_at(packed, t)] *
-                                             __ldg(absmax + t / blocksize)));
+      const float w = to_float(
+          from_float<T>(table[detail::nibble_at(packed, t)] * __ldg(absmax + t / blocksize)));
       acc += to_float(x[k]) * w;
     }
     acc = warp_sum(acc);
@@ -42,9 +42,8 @@ cudaError_t gemv_4bit(const void* A, Dtype dtype, int64_t M, int64_t N, int64_t 
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const unsigned grid = static_cast<unsigned>(detail::ceil_div(N, kWarpsPerCta));
-    gemv_4bit_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(A), M, N, K, packed,
-                                                       absmax, code, blocksize,
-                                                       static_cast<T*>(out));
+    gemv_4bit_kernel<T><<<grid, kThreads, 0, stream>>>(
+        static_cast<const T*>(A), M, N, K, packed, absmax, code, blocksize, static_cast<T*>(out));
     return cudaGetLastError();
   });
 }

@@ -13,9 +13,9 @@ enum class Dtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // bad_block: device int64 initialised to INT64_MAX; receives the lowest
 // block holding inf/NaN.
-cudaError_t quantize_4bit(const void* in, Dtype dtype, int64_t n, int64_t blocksize,
-                          int quant_type, uint8_t* packed, float* absmax,
-                          unsigned long long* bad_block, cudaStream_t stream);
+cudaError_t quantize_4bit(const void* in, Dtype dtype, int64_t n, int64_t blocksize, int quant_type,
+                          uint8_t* packed, float* absmax, unsigned long long* bad_block,
+                          cudaStream_t stream);
 
 cudaError_t dequantize_4bit(const uint8_t* packed, const float* absmax, int64_t n,
                             int64_t blocksize, int quant_type, void* out, Dtype dtype,

@@ -86,7 +86,6 @@ std::string supported_dtype_names() {
   return out;
 }
 
-
 std::string range_str(uint64_t begin, uint64_t end) {
   return "[" + std::to_string(begin) + ", " + std::to_string(end) + "]";
 }

@@ -18,8 +18,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_meta(const at::Tensor& A, int64
   detail::check_quantize_4bit(A, blocksize, quant_type, quant_storage);
   const c10::SymInt n = A.sym_numel();
   const int64_t esize = static_cast<int64_t>(c10::elementSize(quant_storage));
-  at::Tensor packed = at::empty_symint({detail::packed_bytes(n) / esize, 1},
-                                       A.options().dtype(quant_storage));
+  at::Tensor packed =
+      at::empty_symint({detail::packed_bytes(n) / esize, 1}, A.options().dtype(quant_storage));
   at::Tensor absmax =
       at::empty_symint({detail::num_blocks(n, blocksize)}, A.options().dtype(at::kFloat));
   return {packed, absmax};
@@ -43,8 +43,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_meta(const at::Tensor& A,
                                                            int64_t blocksize) {
   detail::check_quantize_blockwise(A, code, blocksize);
   at::Tensor out = at::empty_symint(A.sym_sizes(), A.options().dtype(at::kByte));
-  at::Tensor absmax =
-      at::empty_symint({detail::num_blocks(A.sym_numel(), blocksize)}, A.options().dtype(at::kFloat));
+  at::Tensor absmax = at::empty_symint({detail::num_blocks(A.sym_numel(), blocksize)},
+                                       A.options().dtype(at::kFloat));
   return {out, absmax};
 }
 

@@ -11,8 +11,7 @@ int main() {
   auto [packed, state] = qlora::quantize_4bit(w, qlora::QuantConfig{64, "nf4", true});
   const at::Tensor back = qlora::dequantize_4bit(packed, state);
   const at::Tensor x = torch::randn({2, 128});
-  const at::Tensor y =
-      qlora::matmul_4bit(x, packed, state.float_absmax(), 64, "nf4", state.shape);
+  const at::Tensor y = qlora::matmul_4bit(x, packed, state.float_absmax(), 64, "nf4", state.shape);
   const float err = (y - at::linear(x, back)).abs().max().item<float>();
   std::cout << "consumer: max |w - dequant| = " << (w - back).abs().max().item<float>()
             << ", matmul err = " << err << "\n";

@@ -55,7 +55,8 @@ TEST(TrainerLoss, MatchesCrossEntropyMeanOverShiftedLabels) {
   const at::Tensor ref = torch::nn::functional::cross_entropy(
       logits.narrow(1, 0, 4).reshape({-1, 7}), labels.narrow(1, 1, 4).reshape({-1}),
       torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100));
-  EXPECT_TRUE(at::allclose(summed_causal_lm_loss(logits, labels) / count_label_tokens(labels), ref));
+  EXPECT_TRUE(
+      at::allclose(summed_causal_lm_loss(logits, labels) / count_label_tokens(labels), ref));
 }
 
 TEST(LRSchedule, WarmupThenDecay) {
@@ -87,14 +88,19 @@ TEST(TrainConfig, DefaultsOverridesAndRoundTrip) {
 }
 
 TEST(TrainConfig, MistakesAreClearErrors) {
-  expect_error([] { TrainConfig::from_yaml_string("model: {path: m}\ndata: {train: t}\ntraining: {lrr: 1}\n"); },
-               "unknown key \"training.lrr\"; valid keys are:");
+  expect_error(
+      [] {
+        TrainConfig::from_yaml_string("model: {path: m}\ndata: {train: t}\ntraining: {lrr: 1}\n");
+      },
+      "unknown key \"training.lrr\"; valid keys are:");
   expect_error([] { TrainConfig::from_yaml_string(kMinimal, {"training.micro_batch_size=big"}); },
                "key \"training.micro_batch_size\" has an invalid value \"big\"");
   expect_error([] { TrainConfig::from_yaml_string(kMinimal, {"training.optimizer=sgd"}); },
                "\"training.optimizer\" must be one of paged_adamw_32bit, paged_adamw_8bit, adamw");
-  expect_error([] { TrainConfig::from_yaml_string("data: {train: t}\n"); }, "\"model.path\" is required");
-  expect_error([] { TrainConfig::from_yaml_string(kMinimal, {"training.lr"}); }, "expected key=value");
+  expect_error([] { TrainConfig::from_yaml_string("data: {train: t}\n"); },
+               "\"model.path\" is required");
+  expect_error([] { TrainConfig::from_yaml_string(kMinimal, {"training.lr"}); },
+               "expected key=value");
   expect_error([] { TrainConfig::from_yaml_string("model: [\n"); }, "not valid YAML");
   expect_error([] { TrainConfig::from_yaml_file("/nonexistent/config.yaml"); },
                "/nonexistent/config.yaml: cannot open the config file");

@@ -22,7 +22,8 @@ int run(int argc, char** argv) {
   if (verb == "dequantize" && argc == 5) {
     const auto tensors = qlora::io::SafetensorsReader::open(argv[2]).load_all();
     auto [packed, state] = qlora::QuantState::from_state_dict(argv[3], tensors);
-    const std::map<std::string, at::Tensor> out{{"dequantized", qlora::dequantize_4bit(packed, state)}};
+    const std::map<std::string, at::Tensor> out{
+        {"dequantized", qlora::dequantize_4bit(packed, state)}};
     qlora::io::save_safetensors(argv[4], out);
     return 0;
   }
