@@ -20,25 +20,14 @@
 #include "qlora/nn/apply_lora.h"
 #include "qlora/nn/qlora_linear.h"
 #include "test_utils.h"
+#include "tiny_llama.h"
 
 namespace qlora::models {
 namespace {
 
 using qlora::test::expect_error;
 
-LlamaConfig tiny_config() {
-  LlamaConfig c;
-  c.vocab_size = 64;
-  c.hidden_size = 32;
-  c.intermediate_size = 48;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.max_position_embeddings = 128;
-  c.initializer_range = 0.1;  // peaked logits: greedy choices are far from ties
-  c.eos_token_ids = {};
-  return c;
-}
+LlamaConfig tiny_config() { return qlora::test::tiny_llama_config(); }
 
 LlamaForCausalLM tiny_model(const LlamaConfig& c = tiny_config(), uint64_t seed = 0) {
   torch::manual_seed(seed);

@@ -22,6 +22,7 @@
 #include "qlora/nn/lora_layer.h"
 #include "qlora/nn/qlora_linear.h"
 #include "test_utils.h"
+#include "tiny_llama.h"
 
 namespace qlora::io {
 namespace {
@@ -30,19 +31,7 @@ using models::LlamaConfig;
 using models::LlamaForCausalLM;
 using qlora::test::expect_error;
 
-LlamaConfig tiny_config() {
-  LlamaConfig c;
-  c.vocab_size = 64;
-  c.hidden_size = 32;
-  c.intermediate_size = 48;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.max_position_embeddings = 128;
-  c.initializer_range = 0.1;
-  c.eos_token_ids = {};
-  return c;
-}
+LlamaConfig tiny_config() { return qlora::test::tiny_llama_config(); }
 
 nn::LoRAConfig lora_config(bool dora = false) {
   nn::LoRAConfig l;
