@@ -1,18 +1,19 @@
-// CPU matmul_4bit. Several input rows: the weight is expanded a chunk of
-// output features at a time into a per-thread float32 buffer that stays in
-// cache, and each chunk is one float32 GEMM; the dense weight never exists
-// in memory (no 100+ MB allocation, no page faults). Weights are rounded to
+// CPU matmul_4bit. Several input rows: the weight is expanded into a
+// reused per-thread buffer, a whole layer at once up to 4 M weights (one GEMM
+// straight into the output), else a chunk of output features at a time, so a
+// dense copy of a large weight never exists in memory. Weights are rounded to
 // the input dtype first, so results are those of dequantize-to-dtype + GEMM
-// with float32 accumulation, rounded once at the end.
+// with float32 accumulation, rounded once at the end. The GEMMs go through
+// oneDNN where it is available (onednn_linear.h): bfloat16 inputs then
+// multiply bfloat16 weights directly, everything else computes in float32.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
-#include <ATen/ops/mm.h>
-#include <ATen/ops/mm_native.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../common/tables.h"
@@ -20,37 +21,56 @@
 #include "../ops/matmul_4bit_composite.h"
 #include "cpu_utils.h"
 #include "dequant_range.h"
+#include "onednn_linear.h"
 #include "qlora/ops.h"
 
 namespace qlora::cpu {
 namespace {
 
-// About 2 MB of float32 weights per chunk: large enough for an efficient
-// GEMM, small enough to stay in L2.
+constexpr int64_t kMaxExpandedWeights = int64_t{1} << 22;
+
 int64_t rows_per_chunk(int64_t K) {
-  return std::max<int64_t>(8, (int64_t{1} << 19) / std::max<int64_t>(K, 1));
+  return std::max<int64_t>(8, kMaxExpandedWeights / std::max<int64_t>(K, 1));
+}
+
+// Grows, never shrinks: the expansion buffer of this thread (at most
+// kMaxExpandedWeights elements plus one chunk's rounding).
+template <typename W>
+W* expansion_buffer(int64_t n) {
+  thread_local std::vector<W> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n) {
+    buffer.clear();
+    buffer.shrink_to_fit();
+    buffer.resize(n);
+  }
+  return buffer.data();
 }
 
 // Chunks run one after the other: the expansion of a chunk and its GEMM are
 // each parallel on their own (a GEMM inside at::parallel_for would nest
-// thread pools and oversubscribe the cores).
-template <typename T>
-void chunked_matmul(const at::Tensor& x2d, const uint8_t* packed, const float* absmax,
-                    int64_t blocksize, const detail::FourBitTables& t, int64_t N, int64_t K,
-                    at::Tensor& out_f32) {
+// thread pools and oversubscribe the cores). T is the input dtype (the
+// rounding of the weights), W the element type the GEMM reads.
+template <typename T, typename W>
+at::Tensor chunked_matmul(const at::Tensor& x2d, const uint8_t* packed, const float* absmax,
+                          int64_t blocksize, const detail::FourBitTables& t, int64_t N, int64_t K) {
   const int64_t rows = std::min(N, rows_per_chunk(K));
   const bool avx2 = simd::avx2_enabled();
-  std::vector<float> w(rows * K);
+  const auto w_dtype = std::is_same_v<W, float> ? at::kFloat : at::kBFloat16;
+  W* w = expansion_buffer<W>(rows * K);
+  at::Tensor out;
   for (int64_t r0 = 0; r0 < N; r0 += rows) {
     const int64_t r1 = std::min(N, r0 + rows);
     at::parallel_for(r0, r1, 1, [&](int64_t begin, int64_t end) {
-      dequantize_range<T, float>(packed, absmax, blocksize, t, begin * K, end * K,
-                                 w.data() + (begin - r0) * K, avx2);
+      dequantize_range<T, W>(packed, absmax, blocksize, t, begin * K, end * K, w + (begin - r0) * K,
+                             avx2);
     });
-    const at::Tensor wc = at::from_blob(w.data(), {r1 - r0, K}, at::TensorOptions(at::kFloat));
-    at::Tensor dst = out_f32.narrow(1, r0, r1 - r0);
-    at::mm_out(dst, x2d, wc.t());
+    const at::Tensor wc = at::from_blob(w, {r1 - r0, K}, at::TensorOptions(w_dtype));
+    at::Tensor y = detail::dense_linear(x2d, wc);
+    if (r1 - r0 == N) return y;
+    if (!out.defined()) out = at::empty({x2d.size(0), N}, y.options());
+    out.narrow(1, r0, r1 - r0).copy_(y);
   }
+  return out;
 }
 
 at::Tensor matmul_4bit_cpu(const at::Tensor& x, const at::Tensor& B, const at::Tensor& absmax,
@@ -62,15 +82,30 @@ at::Tensor matmul_4bit_cpu(const at::Tensor& x, const at::Tensor& B, const at::T
   detail::check_matmul_4bit(x, B, absmax, blocksize, quant_type, shapeB, bias);
   const int64_t N = shapeB[0].expect_int(), K = shapeB[1].expect_int();
   const auto& tables = detail::host_tables(detail::parse_quant_type("matmul_4bit", quant_type));
-  const at::Tensor x2d = x.reshape({-1, K}).to(at::kFloat).contiguous();
   const at::Tensor bytes = B.contiguous().view(at::kByte);
   const at::Tensor scales = absmax.contiguous();
-  at::Tensor out = at::empty({x2d.size(0), N}, x2d.options());
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (x.scalar_type() == at::kBFloat16 && onednn_dtype_supported(at::kBFloat16)) {
+    // bfloat16 weights straight into oneDNN's bfloat16 GEMM (products are
+    // exact in its float32 accumulator); a bias is added to the rounded
+    // result, one more rounding.
+    const at::Tensor x2d = x.reshape({-1, K}).contiguous();
+    at::Tensor out = chunked_matmul<c10::BFloat16, c10::BFloat16>(
+        x2d, bytes.const_data_ptr<uint8_t>(), scales.const_data_ptr<float>(), blocksize, tables, N,
+        K);
+    if (has_bias) out = out.to(at::kFloat).add_(bias->to(at::kFloat)).to(at::kBFloat16);
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+    shape.push_back(N);
+    return out.view(shape);
+  }
+  const at::Tensor x2d = x.reshape({-1, K}).to(at::kFloat).contiguous();
+  at::Tensor out;
   dispatch_float_types(x.scalar_type(), "matmul_4bit", [&](auto tag) {
-    chunked_matmul<decltype(tag)>(x2d, bytes.const_data_ptr<uint8_t>(),
-                                  scales.const_data_ptr<float>(), blocksize, tables, N, K, out);
+    out = chunked_matmul<decltype(tag), float>(x2d, bytes.const_data_ptr<uint8_t>(),
+                                               scales.const_data_ptr<float>(), blocksize, tables, N,
+                                               K);
   });
-  if (bias.has_value() && bias->defined()) out.add_(bias->to(at::kFloat));
+  if (has_bias) out.add_(bias->to(at::kFloat));
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
   shape.push_back(N);
   return out.to(x.scalar_type()).view(shape);

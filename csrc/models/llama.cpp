@@ -1,10 +1,14 @@
 #include "qlora/models/llama.h"
 
+#include "qlora/nn/linear_cross_entropy.h"
+#include "qlora/nn/recompute_tape.h"
+
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Context.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/cat.h>
+#include <ATen/ops/cross_entropy_loss.h>
 #include <ATen/ops/cummax.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
@@ -71,6 +75,17 @@ at::Tensor repeat_kv(const at::Tensor& x, int64_t n_rep) {
       .reshape({s[0], s[1] * n_rep, s[2], s[3]});
 }
 
+// [1, heads, n, D] of the real tokens -> [B, heads, T, D] of the padded
+// batch, zeros at the padding (keys there are masked, queries discarded).
+at::Tensor to_padded(const at::Tensor& t, const LayerInputs& in) {
+  const int64_t heads = t.size(1), n = t.size(2), D = t.size(3);
+  const at::Tensor rows = t.squeeze(0).transpose(0, 1).reshape({n, heads * D});
+  return at::zeros({in.padded_batch * in.padded_len, heads * D}, t.options())
+      .index_copy(0, in.token_index, rows)
+      .view({in.padded_batch, in.padded_len, heads, D})
+      .transpose(1, 2);
+}
+
 // Positions restarting at 0 at each change of segment id along a row.
 at::Tensor segment_positions(const at::Tensor& segment_ids) {
   const int64_t B = segment_ids.size(0), T = segment_ids.size(1);
@@ -122,6 +137,8 @@ struct CheckpointCall : torch::CustomClassHolder {
   LayerInputs inputs;              // cos/sin/mask never require grad
   std::vector<at::Tensor> params;  // the layer's trainable parameters
   RngState rng;
+  bool keep_frozen_matmuls = false;
+  nn::RecomputeTape tape;  // their outputs, with keep_frozen_matmuls
 };
 
 // Runs a decoder layer without recording its graph and runs it again, with
@@ -137,6 +154,8 @@ class CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
     ctx->save_for_backward({hidden});
     ctx->saved_data["call"] = c10::IValue::make_capsule(call);
     at::NoGradGuard no_grad;
+    if (!call->keep_frozen_matmuls) return call->layer->forward(hidden, call->inputs);
+    nn::RecordingTape recording(call->tape);
     return call->layer->forward(hidden, call->inputs);
   }
 
@@ -151,9 +170,17 @@ class CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
       const RngState now = RngState::capture(hidden.device());
       call->rng.restore();
       at::AutoGradMode enable(true);
-      out = call->layer->forward(hidden, call->inputs);
+      if (call->keep_frozen_matmuls) {
+        nn::ReplayingTape replaying(call->tape);
+        out = call->layer->forward(hidden, call->inputs);
+        TORCH_CHECK(call->tape.fully_replayed(), "selective recomputation: the layer recorded ",
+                    call->tape.size(), " 4-bit matmuls but its recomputation used fewer");
+      } else {
+        out = call->layer->forward(hidden, call->inputs);
+      }
       now.restore();  // the recomputation leaves the caller's RNG stream untouched
     }
+    call->tape.clear();  // the recomputed graph holds what it still needs
     torch::autograd::variable_list wrt;
     std::vector<size_t> slot;  // position of each wrt entry in the result
     if (hidden_grad) wrt.push_back(hidden), slot.push_back(0);
@@ -321,11 +348,22 @@ at::Tensor LlamaAttentionImpl::forward(const at::Tensor& x, const LayerInputs& i
   q = q * cos + rotate_half(q) * sin;
   k = k * cos + rotate_half(k) * sin;
   if (in.cache) std::tie(k, v) = in.cache->append(layer_idx_, k, v);
+  const bool unpadded = in.token_index.defined();
+  if (unpadded) {
+    q = to_padded(q, in);
+    k = to_padded(k, in);
+    v = to_padded(v, in);
+  }
   const int64_t n_rep = num_heads_ / num_kv_heads_;
   const at::Tensor out =
       at::scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), in.mask,
                                        is_training() ? dropout_ : 0.0, in.causal);
-  return o_proj(out.transpose(1, 2).reshape({B, T, num_heads_ * head_dim_}));
+  const int64_t width = num_heads_ * head_dim_;
+  if (!unpadded) return o_proj(out.transpose(1, 2).reshape({B, T, width}));
+  return o_proj(out.transpose(1, 2)
+                    .reshape({in.padded_batch * in.padded_len, width})
+                    .index_select(0, in.token_index)
+                    .unsqueeze(0));
 }
 
 LlamaMLPImpl::LlamaMLPImpl(const LlamaConfig& c, LlamaWeightSource& weights,
@@ -422,6 +460,7 @@ at::Tensor LlamaModelImpl::run_layer(size_t i, const at::Tensor& hidden, const L
   auto call = c10::make_intrusive<CheckpointCall>();
   call->layer = layer;
   call->inputs = in;
+  call->keep_frozen_matmuls = keep_frozen_matmuls_;
   for (const at::Tensor& p : layer->parameters())
     if (p.requires_grad()) call->params.push_back(p);
   if (!hidden.requires_grad() && call->params.empty()) return layer->forward(hidden, in);
@@ -489,6 +528,33 @@ at::Tensor LlamaModelImpl::forward(const at::Tensor& input_ids,
   return norm(hidden);
 }
 
+at::Tensor LlamaModelImpl::forward_unpadded(const at::Tensor& input_ids,
+                                            const at::Tensor& token_index,
+                                            const at::Tensor& attention_mask,
+                                            const at::Tensor& positions) {
+  TORCH_CHECK(input_ids.dim() == 2 && attention_mask.sizes() == input_ids.sizes() &&
+                  positions.sizes() == input_ids.sizes() && token_index.dim() == 1,
+              "Llama forward_unpadded: input_ids, attention_mask and positions must be [B, T] "
+              "and token_index 1-D, got ",
+              input_ids.sizes(), ", ", attention_mask.sizes(), ", ", positions.sizes(), ", ",
+              token_index.sizes());
+  const int64_t B = input_ids.size(0), T = input_ids.size(1);
+  at::Tensor hidden =
+      embed_tokens(input_ids.reshape({-1}).index_select(0, token_index)).unsqueeze(0);
+  LayerInputs in = layer_inputs(positions, attention_mask.to(at::kBool), std::nullopt, 0, T,
+                                hidden.scalar_type(), nullptr);
+  auto pack = [&](const at::Tensor& t) {
+    return t.reshape({B * T, t.size(-1)}).index_select(0, token_index).unsqueeze(0);
+  };
+  in.cos = pack(in.cos);
+  in.sin = pack(in.sin);
+  in.token_index = token_index;
+  in.padded_batch = B;
+  in.padded_len = T;
+  for (size_t i = 0; i < layer_list_.size(); ++i) hidden = run_layer(i, hidden, in);
+  return norm(hidden);
+}
+
 // ---- LlamaForCausalLM ------------------------------------------------------------
 
 LlamaForCausalLMImpl::LlamaForCausalLMImpl(const LlamaConfig& config) : config_(config) {
@@ -518,6 +584,50 @@ at::Tensor LlamaForCausalLMImpl::forward(const at::Tensor& input_ids,
                                          const std::optional<at::Tensor>& segment_ids) {
   return lm_head(model->forward(input_ids, attention_mask, position_ids, cache, segment_ids))
       .to(at::kFloat);
+}
+
+at::Tensor LlamaForCausalLMImpl::summed_loss(const at::Tensor& input_ids, const at::Tensor& labels,
+                                             const std::optional<at::Tensor>& attention_mask,
+                                             const std::optional<at::Tensor>& position_ids,
+                                             const std::optional<at::Tensor>& segment_ids) {
+  TORCH_CHECK(input_ids.dim() == 2 && labels.sizes() == input_ids.sizes() &&
+                  labels.scalar_type() == at::kLong,
+              "Llama summed_loss: labels must be int64 ", input_ids.sizes(),
+              " like input_ids, got ", labels.scalar_type(), " ", labels.sizes());
+  const int64_t B = input_ids.size(0), T = input_ids.size(1);
+  const auto dev = input_ids.device();
+  // Position t predicts labels[t + 1], as transformers' ForCausalLMLoss.
+  at::Tensor targets = at::full({B, T}, -100, labels.options().device(dev));
+  if (T > 1) targets.narrow(1, 0, T - 1).copy_(labels.narrow(1, 1, T - 1));
+  at::Tensor hidden;
+  const bool padded = attention_mask.has_value() && !segment_ids.has_value() &&
+                      !attention_mask->to(at::kBool).all().item<bool>();
+  if (padded) {
+    // Padding-free: only the real tokens go through the layers
+    // (forward_unpadded), at the positions they have in the padded batch.
+    // Pad positions predict nothing (their attention_mask is 0).
+    const at::Tensor mask = attention_mask->to(dev);
+    const at::Tensor keep = mask.to(at::kBool).reshape({-1}).nonzero().squeeze(1);
+    const at::Tensor positions = position_ids
+                                     ? position_ids->to(dev, at::kLong).expand({B, T}).contiguous()
+                                     : at::arange(T, input_ids.options().dtype(at::kLong))
+                                           .unsqueeze(0)
+                                           .expand({B, T})
+                                           .contiguous();
+    hidden = model->forward_unpadded(input_ids, keep, mask, positions);
+    targets = targets.reshape({-1}).index_select(0, keep);
+  } else {
+    hidden = model->forward(input_ids, attention_mask, position_ids, nullptr, segment_ids);
+  }
+  const int64_t H = hidden.size(-1);
+  const at::Tensor flat_targets = targets.reshape({-1});
+  const at::Tensor labelled = flat_targets.ne(-100).nonzero().squeeze(1);
+  const at::Tensor h = hidden.reshape({-1, H}).index_select(0, labelled);
+  const at::Tensor y = flat_targets.index_select(0, labelled);
+  const torch::nn::LinearImpl* head = lm_head.plain_linear();
+  if (head && !head->bias.defined() && !head->weight.requires_grad())
+    return nn::linear_cross_entropy_sum(h, head->weight, y);
+  return at::cross_entropy_loss(lm_head(h).to(at::kFloat), y, {}, at::Reduction::Sum);
 }
 
 at::Tensor LlamaForCausalLMImpl::generate(const at::Tensor& input_ids, const GenerationConfig& g,

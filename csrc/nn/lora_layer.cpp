@@ -1,5 +1,8 @@
 #include "qlora/nn/lora_layer.h"
 
+#include "qlora/nn/hash_dropout.h"
+
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/linalg_vector_norm.h>
 #include <ATen/ops/linear.h>
 #include <torch/nn/init.h>
@@ -45,17 +48,22 @@ void LoRALayerImpl::register_base_bias(const std::optional<at::Tensor>& bias) {
 }
 
 at::Tensor LoRALayerImpl::forward(const at::Tensor& x) {
-  at::Tensor result = base_forward(x);
+  const at::Tensor result = base_forward(x);
   const bool dropout_active = dropout_ && is_training();
   at::Tensor x_lora = x.to(at::kFloat);
-  if (dropout_active) x_lora = dropout_->forward(x_lora);
-  at::Tensor delta;
-  if (config_.use_dora) {
-    delta = dora_delta(x_lora, result, dropout_active);
-  } else {
-    delta = at::linear(at::linear(x_lora, lora_A), lora_B).mul_(scaling());
-  }
-  return result + delta.to(result.scalar_type());
+  // The seed-based dropout: parallel, and its backward regenerates the
+  // mask instead of keeping one per layer (torch's CPU bernoulli is serial).
+  if (dropout_active) x_lora = hash_dropout(x_lora, config_.dropout);
+  if (config_.use_dora)
+    return result + dora_delta(x_lora, result, dropout_active).to(result.scalar_type());
+  // The scaling goes on the rank-r product; a float32 base output then
+  // takes (s x A^T) B^T as one GEMM accumulating into it, so no [.., out]
+  // delta is written, read back and added.
+  const at::Tensor u = at::linear(x_lora, lora_A).mul_(scaling());
+  if (result.scalar_type() != at::kFloat)
+    return result + at::linear(u, lora_B).to(result.scalar_type());
+  return at::addmm(result.reshape({-1, out_features_}), u.reshape({-1, config_.r}), lora_B.t())
+      .view(result.sizes());
 }
 
 at::Tensor LoRALayerImpl::dora_weight_norm(const at::Tensor& weight) const {

@@ -1,6 +1,9 @@
 #include "qlora/nn/qlora_linear.h"
 
+#include "qlora/nn/recompute_tape.h"
 #include "qlora/ops.h"
+
+#include "../autograd/matmul_4bit_autograd.h"
 
 namespace qlora::nn {
 
@@ -41,9 +44,20 @@ void QLoRALinearImpl::register_base(const at::Tensor& packed, const QuantState& 
 
 at::Tensor QLoRALinearImpl::base_forward(const at::Tensor& x) {
   const std::optional<at::Tensor> b = base_bias();
-  const at::Tensor y = matmul_4bit(
-      x.to(compute_dtype_), packed_, state_.float_absmax(), state_.blocksize, state_.quant_type,
-      state_.shape, b ? std::optional<at::Tensor>(b->to(compute_dtype_)) : std::nullopt);
+  const at::Tensor xc = x.to(compute_dtype_);
+  const std::optional<at::Tensor> bc =
+      b ? std::optional<at::Tensor>(b->to(compute_dtype_)) : std::nullopt;
+  at::Tensor y;
+  if (RecomputeTape* tape = replaying_tape()) {
+    std::vector<int64_t> sizes(xc.sizes().begin(), xc.sizes().end() - 1);
+    sizes.push_back(out_features());
+    y = detail::matmul_4bit_replay(xc, packed_, state_.float_absmax(), state_.blocksize,
+                                   state_.quant_type, state_.shape, bc, tape->replay(sizes));
+  } else {
+    y = matmul_4bit(xc, packed_, state_.float_absmax(), state_.blocksize, state_.quant_type,
+                    state_.shape, bc);
+    if (RecomputeTape* tape = recording_tape()) tape->record(y);
+  }
   return y.to(x.scalar_type());
 }
 

@@ -65,6 +65,7 @@ const std::map<std::string, Field>& fields() {
       QLORA_FIELD("training.max_grad_norm", training.max_grad_norm),
       QLORA_FIELD("training.optimizer", training.optimizer),
       QLORA_FIELD("training.gradient_checkpointing", training.gradient_checkpointing),
+      QLORA_FIELD("training.selective_recompute", training.selective_recompute),
       QLORA_FIELD("training.seed", training.seed),
       QLORA_FIELD("training.eval_every", training.eval_every),
       QLORA_FIELD("training.save_every", training.save_every),
@@ -152,6 +153,9 @@ void validate(const TrainConfig& c, const std::string& source) {
   if (c.data.eval_split < 0 || c.data.eval_split >= 1)
     fail(source, "\"data.eval_split\" must be in [0, 1)");
   if (c.training.keep_last < 1) fail(source, "\"training.keep_last\" must be >= 1");
+  if (c.training.selective_recompute && !c.training.gradient_checkpointing)
+    fail(source,
+         "\"training.selective_recompute\" needs \"training.gradient_checkpointing\": true");
 }
 
 TrainConfig parse(const YAML::Node& root, const std::vector<std::string>& overrides,

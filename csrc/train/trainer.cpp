@@ -158,7 +158,8 @@ void Trainer::State::setup() {
   models::LoadReport report;
   const auto t0 = Clock::now();
   model = models::load_llama(c.model.path, load, &report);
-  model->set_gradient_checkpointing(c.training.gradient_checkpointing);
+  model->set_gradient_checkpointing(c.training.gradient_checkpointing,
+                                    c.training.selective_recompute);
   std::ostringstream msg;
   msg << "loaded " << c.model.path << " (" << report.format << ") in "
       << std::chrono::duration<double>(Clock::now() - t0).count() << " s; ";
@@ -287,10 +288,9 @@ bool Trainer::State::train_step() {
       positions = b.position_ids;
       segments = b.segment_ids;
     }
-    const at::Tensor logits =
-        model->forward(b.input_ids, b.attention_mask, positions, nullptr, segments);
     const at::Tensor loss =
-        summed_causal_lm_loss(logits, b.labels) / std::max<int64_t>(1, label_tokens);
+        model->summed_loss(b.input_ids, b.labels, b.attention_mask, positions, segments) /
+        std::max<int64_t>(1, label_tokens);
     loss.backward();
     loss_sum += loss.item<double>();
   }
@@ -339,8 +339,7 @@ double Trainer::evaluate() {
   double total = 0;
   int64_t tokens = 0;
   while (auto b = loader.next()) {
-    const at::Tensor logits = s.model->forward(b->input_ids, b->attention_mask);
-    total += summed_causal_lm_loss(logits, b->labels).item<double>();
+    total += s.model->summed_loss(b->input_ids, b->labels, b->attention_mask).item<double>();
     tokens += count_label_tokens(b->labels);
   }
   s.model->train();

@@ -19,6 +19,7 @@
 #include "qlora/models/loader.h"
 #include "qlora/nn/apply_lora.h"
 #include "qlora/nn/qlora_linear.h"
+#include "qlora/nn/recompute_tape.h"
 #include "test_utils.h"
 #include "tiny_llama.h"
 
@@ -298,8 +299,9 @@ int64_t heap_in_use() {
   return static_cast<int64_t>(mi.uordblks + mi.hblkhd);
 }
 
-GradRun train_step(LlamaForCausalLMImpl& m, const at::Tensor& ids, bool checkpoint) {
-  m.set_gradient_checkpointing(checkpoint);
+GradRun train_step(LlamaForCausalLMImpl& m, const at::Tensor& ids, bool checkpoint,
+                   bool keep_frozen_matmuls = false) {
+  m.set_gradient_checkpointing(checkpoint, keep_frozen_matmuls);
   m.zero_grad();
   torch::manual_seed(123);  // the same dropout masks in both runs
   GradRun run;
@@ -369,6 +371,48 @@ TEST(Llama, GradientCheckpointingWithFrozenBaseAndLoRADropout) {
   // Only adapters train; the embeddings feeding layer 0 do not require grad.
   EXPECT_EQ(plain.grads.size(), 2u * 7u * 3u);
   expect_same_grads(plain, ckpt);
+}
+
+// QLoRA layers (4-bit bases, dropout, a biased projection) under selective
+// recomputation: the replayed frozen matmuls give the gradients of a full
+// recomputation and of no checkpointing, and the tape holds what it should.
+TEST(Llama, SelectiveRecomputationGivesIdenticalGradients) {
+  LlamaConfig c = tiny_config();
+  c.num_hidden_layers = 3;
+  c.model_type = "qwen2";  // q/k/v biases: the replayed output includes the bias
+  auto m = tiny_model(c);
+  nn::LoRAConfig lora;
+  lora.r = 4;
+  lora.dropout = 0.2;
+  lora.target_modules = {"all-linear"};
+  nn::apply_lora(*m, lora, nn::QuantizedBaseConfig{QuantConfig{64, "nf4", true}});
+  m->train();
+  {
+    at::NoGradGuard no_grad;
+    for (auto& p : m->named_parameters())
+      if (p.key().find("lora_B") != std::string::npos) p.value().normal_(0, 0.1);
+  }
+  const at::Tensor ids = random_ids(2, 16, c.vocab_size);
+  const GradRun plain = train_step(*m, ids, false);
+  const GradRun full = train_step(*m, ids, true);
+  const GradRun selective = train_step(*m, ids, true, true);
+  EXPECT_EQ(plain.grads.size(), 2u * 7u * 3u);
+  expect_same_grads(full, selective);
+  for (const auto& [name, g] : plain.grads)
+    EXPECT_LT(max_diff(g, selective.grads.at(name)), 1e-6) << name;
+  EXPECT_TRUE(m->model->keeps_frozen_matmuls());
+  // Selective keeps more than full recomputation, far less than none.
+  EXPECT_GT(selective.retained_bytes, full.retained_bytes);
+  EXPECT_LT(selective.retained_bytes, plain.retained_bytes);
+}
+
+TEST(Llama, RecomputeTapeRejectsADifferentRetrace) {
+  nn::RecomputeTape tape;
+  tape.record(torch::zeros({2, 3}));
+  expect_error([&] { tape.replay({2, 4}); }, "has shape [2, 3] but the recomputation expects [2, 4]");
+  EXPECT_EQ(tape.replay({2, 3}).sizes(), (std::vector<int64_t>{2, 3}));
+  EXPECT_TRUE(tape.fully_replayed());
+  expect_error([&] { tape.replay({2, 3}); }, "more 4-bit matmuls than the 1");
 }
 
 // ---- apply_lora on the model ------------------------------------------------------

@@ -102,6 +102,12 @@ TEST(TrainConfig, MistakesAreClearErrors) {
   expect_error([] { TrainConfig::from_yaml_string(kMinimal, {"training.lr"}); },
                "expected key=value");
   expect_error([] { TrainConfig::from_yaml_string("model: [\n"); }, "not valid YAML");
+  expect_error(
+      [] { TrainConfig::from_yaml_string(kMinimal, {"training.selective_recompute=true"}); },
+      "\"training.selective_recompute\" needs \"training.gradient_checkpointing\": true");
+  EXPECT_TRUE(TrainConfig::from_yaml_string(kMinimal, {"training.gradient_checkpointing=true",
+                                                       "training.selective_recompute=true"})
+                  .training.selective_recompute);
   expect_error([] { TrainConfig::from_yaml_file("/nonexistent/config.yaml"); },
                "/nonexistent/config.yaml: cannot open the config file");
 }

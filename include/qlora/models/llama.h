@@ -81,6 +81,12 @@ struct LayerInputs {
   std::optional<at::Tensor> mask;  // bool [B or 1, 1, T, S]: true where query may attend key
   bool causal = false;             // no mask: SDPA applies the plain causal mask itself
   KVCache* cache = nullptr;
+  // Padding-free runs (LlamaModelImpl::forward_unpadded): the hidden states
+  // hold only the real tokens, [1, n, H], and cos/sin are theirs; attention
+  // scatters q, k, v to the padded [padded_batch, padded_len] layout at these
+  // flat indices, attends there under `mask`, and gathers its output back.
+  at::Tensor token_index;  // int64 [n] into [padded_batch * padded_len]; undefined: padded run
+  int64_t padded_batch = 0, padded_len = 0;
 };
 
 // HF LlamaRMSNorm: normalised in float32, cast back, then scaled.
@@ -139,8 +145,26 @@ class LlamaModelImpl : public torch::nn::Module {
                      const std::optional<at::Tensor>& position_ids = std::nullopt,
                      KVCache* cache = nullptr,
                      const std::optional<at::Tensor>& segment_ids = std::nullopt);
-  void set_gradient_checkpointing(bool enabled) { gradient_checkpointing_ = enabled; }
+  // The final hidden states [1, n, hidden_size] of the n real tokens of a
+  // padded batch, in row-major order: token_index (int64 [n]) holds their
+  // flat indices into [B, T], attention_mask [B, T] is nonzero exactly
+  // there, positions [B, T]. Equal, token for token, to forward() with that
+  // attention_mask and position_ids, but no layer computes on padding:
+  // only attention works in the padded layout.
+  at::Tensor forward_unpadded(const at::Tensor& input_ids, const at::Tensor& token_index,
+                              const at::Tensor& attention_mask, const at::Tensor& positions);
+  // Checkpointed layers keep only their input and are run again in
+  // backward. With keep_frozen_matmuls (selective recomputation,
+  // nn/recompute_tape.h) they also keep the outputs of their frozen 4-bit
+  // matmuls and replay them: about 1/3 fewer FLOPs per step, for
+  // (2 * hidden + q/k/v + 2 * intermediate) values per token and layer
+  // held until backward reaches the layer. Gradients are identical.
+  void set_gradient_checkpointing(bool enabled, bool keep_frozen_matmuls = false) {
+    gradient_checkpointing_ = enabled;
+    keep_frozen_matmuls_ = keep_frozen_matmuls;
+  }
   bool gradient_checkpointing() const { return gradient_checkpointing_; }
+  bool keeps_frozen_matmuls() const { return keep_frozen_matmuls_; }
 
   torch::nn::Embedding embed_tokens{nullptr};
   torch::nn::ModuleList layers{nullptr};
@@ -156,6 +180,7 @@ class LlamaModelImpl : public torch::nn::Module {
   std::vector<LlamaDecoderLayer> layer_list_;
   at::Tensor inv_freq_;  // not a buffer: derived from the config, never saved (as in HF)
   bool gradient_checkpointing_ = false;
+  bool keep_frozen_matmuls_ = false;
 };
 TORCH_MODULE(LlamaModel);
 
@@ -191,6 +216,21 @@ class LlamaForCausalLMImpl : public nn::LinearHost {
                      KVCache* cache = nullptr,
                      const std::optional<at::Tensor>& segment_ids = std::nullopt);
 
+  // Summed next-token cross-entropy (float32 scalar) over the positions
+  // whose label is not -100, labels [B, T] aligned with input_ids and
+  // shifted inside as transformers' ForCausalLMLoss does (position t
+  // predicts labels[t + 1]). Only labelled positions go through lm_head, and
+  // a frozen dense lm_head is fused with the loss
+  // (nn::linear_cross_entropy_sum): [B, T, vocab] logits never exist.
+  // A padded batch (attention_mask with zeros, no segment_ids) runs
+  // padding-free: its real tokens go through the layers as one packed
+  // sequence, so no layer computes on padding; positions whose mask is 0
+  // predict nothing. Other arguments as forward.
+  at::Tensor summed_loss(const at::Tensor& input_ids, const at::Tensor& labels,
+                         const std::optional<at::Tensor>& attention_mask = std::nullopt,
+                         const std::optional<at::Tensor>& position_ids = std::nullopt,
+                         const std::optional<at::Tensor>& segment_ids = std::nullopt);
+
   // [B, T + n] sequences: the prompts and up to max_new_tokens new tokens;
   // rows that stopped early are filled with pad_token_id (else the first
   // stop token). A left-padded batch takes its attention_mask; position ids
@@ -201,7 +241,9 @@ class LlamaForCausalLMImpl : public nn::LinearHost {
   // Recompute each decoder layer in backward instead of keeping its
   // activations (used when grad mode is on and no cache is passed). The
   // gradients are identical: dropout masks are replayed from the RNG state.
-  void set_gradient_checkpointing(bool enabled) { model->set_gradient_checkpointing(enabled); }
+  void set_gradient_checkpointing(bool enabled, bool keep_frozen_matmuls = false) {
+    model->set_gradient_checkpointing(enabled, keep_frozen_matmuls);
+  }
 
   const LlamaConfig& config() const { return config_; }
 

@@ -22,6 +22,8 @@ class LinearRef {
  public:
   at::Tensor operator()(const at::Tensor& x) const;
   const std::shared_ptr<torch::nn::Module>& module() const { return module_; }
+  // The bound plain Linear, or nullptr when a LoRA layer is bound.
+  torch::nn::LinearImpl* plain_linear() const { return linear_; }
   void bind(std::shared_ptr<torch::nn::Module> module);
 
  private:

@@ -1,0 +1,17 @@
+// Dropout whose mask is a function of a seed (common/dropout_hash.h), so
+// backward regenerates it instead of keeping a mask tensor.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace qlora::nn {
+
+// Inverted dropout with drop probability p in [0, 1): elements kept with
+// probability 1 - p are scaled by 1 / (1 - p). Differentiable in x. One
+// 64-bit seed per call is drawn from the default CPU generator, so a
+// recomputation under a restored generator state (gradient checkpointing,
+// resume) draws the same mask. Contiguous CPU float32 tensors take the
+// parallel counter-based kernel; others go to at::dropout.
+at::Tensor hash_dropout(const at::Tensor& x, double p);
+
+}  // namespace qlora::nn
