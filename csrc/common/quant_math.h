@@ -9,11 +9,7 @@
 
 #include "codebooks.h"
 
-#if defined(__CUDACC__)
-#define QLORA_HD __host__ __device__ __forceinline__
-#else
-#define QLORA_HD inline
-#endif
+#include "host_device.h"
 
 namespace qlora::detail {
 

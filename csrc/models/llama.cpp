@@ -155,7 +155,7 @@ class CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
     ctx->saved_data["call"] = c10::IValue::make_capsule(call);
     at::NoGradGuard no_grad;
     if (!call->keep_frozen_matmuls) return call->layer->forward(hidden, call->inputs);
-    nn::RecordingTape recording(call->tape);
+    nn::TapeScope recording(call->tape, nn::TapeScope::Mode::kRecord);
     return call->layer->forward(hidden, call->inputs);
   }
 
@@ -171,7 +171,7 @@ class CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
       call->rng.restore();
       at::AutoGradMode enable(true);
       if (call->keep_frozen_matmuls) {
-        nn::ReplayingTape replaying(call->tape);
+        nn::TapeScope replaying(call->tape, nn::TapeScope::Mode::kReplay);
         out = call->layer->forward(hidden, call->inputs);
         TORCH_CHECK(call->tape.fully_replayed(), "selective recomputation: the layer recorded ",
                     call->tape.size(), " 4-bit matmuls but its recomputation used fewer");

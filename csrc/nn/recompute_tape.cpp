@@ -6,7 +6,7 @@ namespace qlora::nn {
 namespace {
 
 thread_local RecomputeTape* active_tape = nullptr;
-thread_local bool active_replaying = false;
+thread_local TapeScope::Mode active_mode = TapeScope::Mode::kRecord;
 
 }  // namespace
 
@@ -31,27 +31,22 @@ void RecomputeTape::clear() {
   next_ = 0;
 }
 
-RecordingTape::RecordingTape(RecomputeTape& tape)
-    : previous_(active_tape), previous_replaying_(active_replaying) {
+TapeScope::TapeScope(RecomputeTape& tape, Mode mode)
+    : previous_tape_(active_tape), previous_mode_(active_mode) {
   active_tape = &tape;
-  active_replaying = false;
-}
-RecordingTape::~RecordingTape() {
-  active_tape = previous_;
-  active_replaying = previous_replaying_;
+  active_mode = mode;
 }
 
-ReplayingTape::ReplayingTape(RecomputeTape& tape)
-    : previous_(active_tape), previous_replaying_(active_replaying) {
-  active_tape = &tape;
-  active_replaying = true;
-}
-ReplayingTape::~ReplayingTape() {
-  active_tape = previous_;
-  active_replaying = previous_replaying_;
+TapeScope::~TapeScope() {
+  active_tape = previous_tape_;
+  active_mode = previous_mode_;
 }
 
-RecomputeTape* recording_tape() { return active_replaying ? nullptr : active_tape; }
-RecomputeTape* replaying_tape() { return active_replaying ? active_tape : nullptr; }
+RecomputeTape* recording_tape() {
+  return active_mode == TapeScope::Mode::kRecord ? active_tape : nullptr;
+}
+RecomputeTape* replaying_tape() {
+  return active_mode == TapeScope::Mode::kReplay ? active_tape : nullptr;
+}
 
 }  // namespace qlora::nn

@@ -348,23 +348,28 @@ TEST(Llama, GradientCheckpointingGivesIdenticalGradients) {
   EXPECT_LT(ckpt.retained_bytes, plain.retained_bytes / 2);
 }
 
-TEST(Llama, GradientCheckpointingWithFrozenBaseAndLoRADropout) {
-  LlamaConfig c = tiny_config();
-  c.num_hidden_layers = 3;
-  auto m = tiny_model(c);
+// All-linear r = 4 adapters with dropout (4-bit bases with `base`), in
+// training mode, B non-zero so every adapter has a gradient path to A.
+nn::LoRAReport add_training_adapters(LlamaForCausalLMImpl& m,
+                                     const std::optional<nn::QuantizedBaseConfig>& base = {}) {
   nn::LoRAConfig lora;
   lora.r = 4;
   lora.dropout = 0.2;
   lora.target_modules = {"all-linear"};
-  const nn::LoRAReport report = nn::apply_lora(*m, lora);
+  nn::LoRAReport report = nn::apply_lora(m, lora, base);
+  m.train();
+  at::NoGradGuard no_grad;
+  for (auto& p : m.named_parameters())
+    if (p.key().find("lora_B") != std::string::npos) p.value().normal_(0, 0.1);
+  return report;
+}
+
+TEST(Llama, GradientCheckpointingWithFrozenBaseAndLoRADropout) {
+  LlamaConfig c = tiny_config();
+  c.num_hidden_layers = 3;
+  auto m = tiny_model(c);
+  const nn::LoRAReport report = add_training_adapters(*m);
   EXPECT_EQ(report.replaced.size(), 7u * 3u);
-  m->train();
-  // Give B non-zero values so every adapter has a gradient path to A.
-  {
-    at::NoGradGuard no_grad;
-    for (auto& p : m->named_parameters())
-      if (p.key().find("lora_B") != std::string::npos) p.value().normal_(0, 0.1);
-  }
   const at::Tensor ids = random_ids(2, 16, c.vocab_size);
   const GradRun plain = train_step(*m, ids, false);
   const GradRun ckpt = train_step(*m, ids, true);
@@ -381,17 +386,7 @@ TEST(Llama, SelectiveRecomputationGivesIdenticalGradients) {
   c.num_hidden_layers = 3;
   c.model_type = "qwen2";  // q/k/v biases: the replayed output includes the bias
   auto m = tiny_model(c);
-  nn::LoRAConfig lora;
-  lora.r = 4;
-  lora.dropout = 0.2;
-  lora.target_modules = {"all-linear"};
-  nn::apply_lora(*m, lora, nn::QuantizedBaseConfig{QuantConfig{64, "nf4", true}});
-  m->train();
-  {
-    at::NoGradGuard no_grad;
-    for (auto& p : m->named_parameters())
-      if (p.key().find("lora_B") != std::string::npos) p.value().normal_(0, 0.1);
-  }
+  add_training_adapters(*m, nn::QuantizedBaseConfig{QuantConfig{64, "nf4", true}});
   const at::Tensor ids = random_ids(2, 16, c.vocab_size);
   const GradRun plain = train_step(*m, ids, false);
   const GradRun full = train_step(*m, ids, true);
@@ -409,7 +404,11 @@ TEST(Llama, SelectiveRecomputationGivesIdenticalGradients) {
 TEST(Llama, RecomputeTapeRejectsADifferentRetrace) {
   nn::RecomputeTape tape;
   tape.record(torch::zeros({2, 3}));
-  expect_error([&] { tape.replay({2, 4}); }, "has shape [2, 3] but the recomputation expects [2, 4]");
+  expect_error(
+      [&] {
+        tape.replay({2, 4});
+      },
+      "has shape [2, 3] but the recomputation expects [2, 4]");
   EXPECT_EQ(tape.replay({2, 3}).sizes(), (std::vector<int64_t>{2, 3}));
   EXPECT_TRUE(tape.fully_replayed());
   expect_error([&] { tape.replay({2, 3}); }, "more 4-bit matmuls than the 1");

@@ -29,30 +29,19 @@ class RecomputeTape {
   size_t next_ = 0;
 };
 
-// While one of these lives, the QLoRALinear layers run on this thread
-// record into (or replay from) `tape`; they nest, the innermost wins.
-class RecordingTape {
+// While a TapeScope lives, the QLoRALinear layers run on this thread
+// record into (or replay from) `tape`; scopes nest, the innermost wins.
+class TapeScope {
  public:
-  explicit RecordingTape(RecomputeTape& tape);
-  ~RecordingTape();
-  RecordingTape(const RecordingTape&) = delete;
-  RecordingTape& operator=(const RecordingTape&) = delete;
+  enum class Mode { kRecord, kReplay };
+  TapeScope(RecomputeTape& tape, Mode mode);
+  ~TapeScope();
+  TapeScope(const TapeScope&) = delete;
+  TapeScope& operator=(const TapeScope&) = delete;
 
  private:
-  RecomputeTape* previous_;
-  bool previous_replaying_;
-};
-
-class ReplayingTape {
- public:
-  explicit ReplayingTape(RecomputeTape& tape);
-  ~ReplayingTape();
-  ReplayingTape(const ReplayingTape&) = delete;
-  ReplayingTape& operator=(const ReplayingTape&) = delete;
-
- private:
-  RecomputeTape* previous_;
-  bool previous_replaying_;
+  RecomputeTape* previous_tape_;
+  Mode previous_mode_;
 };
 
 // The tape this thread records into / replays from, or nullptr.
