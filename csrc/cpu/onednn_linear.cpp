@@ -43,21 +43,20 @@ namespace {
 // torch.compile / AOT autograd) take at::linear, which traces.
 bool plain_cpu_tensor(const at::Tensor& t) {
   const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
-  return t.device().is_cpu() && !impl->is_python_dispatch() &&
-         !impl->has_symbolic_sizes_strides();
+  return t.device().is_cpu() && !impl->is_python_dispatch() && !impl->has_symbolic_sizes_strides();
 }
 }  // namespace
 
 bool onednn_linear_supported(const at::Tensor& x, const at::Tensor& w) {
   const auto dtype = x.scalar_type();
   return plain_cpu_tensor(x) && plain_cpu_tensor(w) && onednn_dtype_supported(dtype) &&
-         w.dim() == 2 && x.dim() >= 1 && w.scalar_type() == dtype &&
-         x.size(-1) == w.size(1) && w.size(0) > 0 && w.size(1) > 0;
+         w.dim() == 2 && x.dim() >= 1 && w.scalar_type() == dtype && x.size(-1) == w.size(1) &&
+         w.size(0) > 0 && w.size(1) > 0;
 }
 
 at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w) {
-  TORCH_CHECK(onednn_linear_supported(x, w), "onednn_linear: unsupported operands ", x.sizes(),
-              " ", x.scalar_type(), " x ", w.sizes(), " ", w.scalar_type());
+  TORCH_CHECK(onednn_linear_supported(x, w), "onednn_linear: unsupported operands ", x.sizes(), " ",
+              x.scalar_type(), " x ", w.sizes(), " ", w.scalar_type());
   // A boxed call: the schema's `Scalar?[]` has no stable unboxed C++ type
   // across releases, the IValue stack does.
   torch::jit::Stack stack;
