@@ -1,8 +1,9 @@
 // Dense y = x W^T on the CPU through oneDNN (bundled in LibTorch, reached via
 // the `mkldnn::_linear_pointwise` op that torch.compile's CPU backend uses).
-// LibTorch's own at::mm sends float32 to MKL, whose AMD code path runs
-// 256-bit kernels: on AVX-512 CPUs oneDNN's JIT kernels are 2-2.5x faster
-// (benchmarks/RESULTS.md), and they read a transposed weight in place.
+// It reads a transposed weight in place (the backward's W^T needs no copy)
+// and multiplies bfloat16 operands with AMX / AVX512-BF16 where the CPU has
+// them; for float32 it is on par with the MKL GEMM behind at::linear on the
+// CPUs measured (benchmarks/RESULTS.md).
 #pragma once
 
 #include <ATen/core/Tensor.h>
