@@ -433,8 +433,8 @@ np.save(out, np.array(llm.scores[:n], dtype=np.float32))
 
 def llama_cpp_logits(path, lora_path=None, n=16):
     """llama.cpp's float32 logits for token ids 0..n-1 of the GGUF at `path`. Run in a fresh
-    interpreter: llama.cpp's OpenMP runtime and the libqlora/libtorch one loaded here
-    (conftest) do not share a process."""
+    interpreter: in this one, which holds libqlora and libtorch (conftest), llama.cpp dies
+    with SIGILL."""
     pytest.importorskip("llama_cpp")
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "logits.npy")
