@@ -45,8 +45,7 @@ at::Tensor reused_cpu_weight(const at::Tensor& grad_out, const at::Tensor& B,
                              const std::vector<c10::SymInt>& shapeB) {
   constexpr int64_t kMaxReused = int64_t{1} << 22;
   const auto dtype = grad_out.scalar_type();
-  if (at::GradMode::is_enabled() || !grad_out.device().is_cpu() ||
-      grad_out.unsafeGetTensorImpl()->is_python_dispatch() ||
+  if (at::GradMode::is_enabled() || !detail::is_plain_cpu_tensor(grad_out) ||
       (dtype != at::kFloat && dtype != at::kBFloat16) || !shapeB[0].maybe_as_int() ||
       !shapeB[1].maybe_as_int())
     return {};

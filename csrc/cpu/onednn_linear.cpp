@@ -2,7 +2,6 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/linear.h>
-#include <c10/util/irange.h>
 
 #include <atomic>
 #include <cstdlib>
@@ -38,20 +37,11 @@ bool onednn_dtype_supported(at::ScalarType dtype) {
          (dtype == at::kFloat || dtype == at::kBFloat16);
 }
 
-namespace {
-// Real CPU tensors only: traced ones (FakeTensor, symbolic sizes under
-// torch.compile / AOT autograd) take at::linear, which traces.
-bool plain_cpu_tensor(const at::Tensor& t) {
-  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
-  return t.device().is_cpu() && !impl->is_python_dispatch() && !impl->has_symbolic_sizes_strides();
-}
-}  // namespace
-
 bool onednn_linear_supported(const at::Tensor& x, const at::Tensor& w) {
   const auto dtype = x.scalar_type();
-  return plain_cpu_tensor(x) && plain_cpu_tensor(w) && onednn_dtype_supported(dtype) &&
-         w.dim() == 2 && x.dim() >= 1 && w.scalar_type() == dtype && x.size(-1) == w.size(1) &&
-         w.size(0) > 0 && w.size(1) > 0;
+  return detail::is_plain_cpu_tensor(x) && detail::is_plain_cpu_tensor(w) &&
+         onednn_dtype_supported(dtype) && w.dim() == 2 && x.dim() >= 1 &&
+         w.scalar_type() == dtype && x.size(-1) == w.size(1) && w.size(0) > 0 && w.size(1) > 0;
 }
 
 at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w) {
@@ -75,6 +65,11 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w) {
 }  // namespace qlora::cpu
 
 namespace qlora::detail {
+
+bool is_plain_cpu_tensor(const at::Tensor& t) {
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  return t.device().is_cpu() && !impl->is_python_dispatch() && !impl->has_symbolic_sizes_strides();
+}
 
 at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w) {
   if (cpu::onednn_linear_supported(x, w) && x.numel() > 0) return cpu::onednn_linear(x, w);

@@ -30,6 +30,11 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w);
 
 namespace qlora::detail {
 
+// A real CPU tensor: not traced (FakeTensor, symbolic sizes under
+// torch.compile / AOT autograd), so a kernel may read its memory directly;
+// traced ones must take the dispatcher route.
+bool is_plain_cpu_tensor(const at::Tensor& t);
+
 // y = x W^T without bias: oneDNN where supported, at::linear otherwise (other
 // devices and dtypes). Not differentiable through the oneDNN path: callers
 // are kernels and autograd functions.
