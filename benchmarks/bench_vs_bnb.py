@@ -2,7 +2,7 @@
 dequantize and matmul_4bit on LLaMA-sized weights, fp32 and bf16, with a
 memcpy (tensor copy) of the same output bytes as the bandwidth yardstick.
 
-    .venv/bin/python benchmarks/bench_vs_bnb.py [--repeat 5] [--threads N]
+    .venv/bin/python benchmarks/bench_vs_bnb.py [--repeat 5] [--threads N] [--cpu-level avx2]
 """
 import argparse
 import os
@@ -11,6 +11,8 @@ import time
 import warnings
 
 import torch
+
+import cpu_level
 
 warnings.filterwarnings("ignore")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,10 +36,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    cpu_level.add_argument(ap)
     args = ap.parse_args()
+    cpu_level.apply(args.cpu_level)
     torch.set_num_threads(args.threads)
+    print(cpu_level.describe())
     print(f"torch {torch.__version__}, bitsandbytes {bnb.__version__}, {args.threads} threads, "
-          f"median of {args.repeat}")
+          f"median of {args.repeat}, qlora kernels at level {torch.ops.qlora.cpu_capability()}")
     print(f"{'op':<12}{'shape':<12}{'dtype':<6}{'bnb ms':>9}{'ours ms':>9}{'speed-up':>9}"
           f"{'ours GB/s':>10}{'memcpy GB/s':>12}{'% memcpy':>9}")
     qlora = torch.ops.qlora
@@ -71,7 +76,7 @@ def main():
                   f"{gbs:>10.2f}{copy_gbs:>12.2f}{gbs/copy_gbs:>8.0%}")
 
             with torch.no_grad():
-                for n in [1, 32]:
+                for n in [1, 32, 256]:
                     x = torch.randn(n, cols).to(dtype)
                     t_bnb = timed(lambda: bnb.matmul_4bit(x, packed.t(), quant_state=state), args.repeat)
                     t_ours = timed(lambda: qlora.matmul_4bit(x, packed, state.absmax, 64, "nf4", [rows, cols]),

@@ -13,18 +13,12 @@
 #include "../ops/checks.h"
 #include "cpu_utils.h"
 #include "dequant_range.h"
-#include "fourbit_avx2.h"
+#include "isa_kernels.h"
 
 namespace qlora::cpu {
 namespace {
 
 using detail::FourBitTables;
-
-uint32_t max_abs_bits(const float* x, int64_t n) {
-  uint32_t m = 0;
-  for (int64_t i = 0; i < n; ++i) m = std::max(m, detail::abs_bits(x[i]));
-  return m;
-}
 
 // Normalises and encodes one block of n elements into one code per byte.
 void encode_block(const float* x, int64_t n, float absmax, bool partial, const FourBitTables& t,
@@ -52,7 +46,7 @@ void quantize_4bit_impl(const T* in, int64_t n, int64_t blocksize, const FourBit
                         uint8_t* packed, float* absmax) {
   const int64_t blocks = detail::ceil_div(n, blocksize);
   const uint8_t pad_code = detail::encode_4bit(0.f, t);
-  const bool avx2 = simd::avx2_enabled();
+  const IsaKernels& k = isa_kernels();
   FirstBadBlock bad;
   at::parallel_for(0, blocks, grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
     std::vector<float> x(blocksize);
@@ -62,9 +56,7 @@ void quantize_4bit_impl(const T* in, int64_t n, int64_t blocksize, const FourBit
       const int64_t len = std::min(blocksize, n - start);
       to_float(in + start, len, x.data());
       const bool partial = len < blocksize;
-      const bool vector = avx2 && !partial;  // full blocks are multiples of 32
-      const uint32_t bits =
-          vector ? simd::max_abs_bits_avx2(x.data(), len) : max_abs_bits(x.data(), len);
+      const uint32_t bits = k.max_abs_bits(x.data(), len);
       if (bits >= detail::kNonFiniteBits) {
         bad.report(b);
         continue;
@@ -72,9 +64,8 @@ void quantize_4bit_impl(const T* in, int64_t n, int64_t blocksize, const FourBit
       const float amax = detail::bits_float(bits);
       // bitsandbytes stores the clamped absmax only for the partial block.
       absmax[b] = partial ? std::max(amax, detail::kMinAbsmax) : amax;
-      if (vector) {
-        simd::encode_pack_avx2(x.data(), len, detail::reciprocal_scale(amax), t,
-                               packed + start / 2);
+      if (!partial) {  // full blocks are multiples of 32
+        k.encode_pack(x.data(), len, detail::reciprocal_scale(amax), t, packed + start / 2);
       } else {
         encode_block(x.data(), len, amax, partial, t, codes.data());
         pack_block(codes.data(), len, pad_code, packed + start / 2);
@@ -113,11 +104,11 @@ template <typename T>
 void dequantize_4bit_impl(const uint8_t* packed, const float* absmax, int64_t n, int64_t blocksize,
                           const FourBitTables& t, T* out) {
   const int64_t blocks = detail::ceil_div(n, blocksize);
-  const bool avx2 = simd::avx2_enabled();
+  const IsaKernels& k = isa_kernels();
   at::parallel_for(0, blocks, grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
     const int64_t first = begin * blocksize;
     dequantize_range<T, T>(packed, absmax, blocksize, t, first, std::min(n, end * blocksize),
-                           out + first, avx2);
+                           out + first, k);
   });
 }
 

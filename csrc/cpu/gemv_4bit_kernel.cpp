@@ -14,20 +14,10 @@
 #include "../ops/checks.h"
 #include "cpu_utils.h"
 #include "dequant_range.h"
-#include "fourbit_avx2.h"
+#include "isa_kernels.h"
 
 namespace qlora::cpu {
 namespace {
-
-float dot(const float* a, const float* b, int64_t n, bool avx2) {
-  if (avx2) return simd::dot_avx2(a, b, n);
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4)
-    for (int k = 0; k < 4; ++k) acc[k] += a[i + k] * b[i + k];
-  for (; i < n; ++i) acc[0] += a[i] * b[i];
-  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
-}
 
 // Weights are rounded to T (what dequantize-to-T + matmul would use), then
 // multiplied and summed in float32.
@@ -37,15 +27,14 @@ void gemv_4bit_impl(const T* A, int64_t M, int64_t N, int64_t K, const uint8_t* 
                     T* out) {
   std::vector<float> x(M * K);
   to_float(A, M * K, x.data());
-  const bool avx2 = simd::avx2_enabled();
+  const IsaKernels& k = isa_kernels();
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(K, 1));
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> w(K);
     for (int64_t n = begin; n < end; ++n) {
-      dequantize_range<T, float>(packed, absmax, blocksize, table, n * K, (n + 1) * K, w.data(),
-                                 avx2);
+      dequantize_range<T, float>(packed, absmax, blocksize, table, n * K, (n + 1) * K, w.data(), k);
       for (int64_t m = 0; m < M; ++m)
-        out[m * N + n] = round_to<T>(dot(x.data() + m * K, w.data(), K, avx2));
+        out[m * N + n] = round_to<T>(k.dot(x.data() + m * K, w.data(), K));
     }
   });
 }

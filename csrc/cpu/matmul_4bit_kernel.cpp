@@ -54,7 +54,7 @@ template <typename T, typename W>
 at::Tensor chunked_matmul(const at::Tensor& x2d, const uint8_t* packed, const float* absmax,
                           int64_t blocksize, const detail::FourBitTables& t, int64_t N, int64_t K) {
   const int64_t rows = std::min(N, rows_per_chunk(K));
-  const bool avx2 = simd::avx2_enabled();
+  const IsaKernels& k = isa_kernels();
   const auto w_dtype = std::is_same_v<W, float> ? at::kFloat : at::kBFloat16;
   W* w = expansion_buffer<W>(rows * K);
   at::Tensor out;
@@ -62,7 +62,7 @@ at::Tensor chunked_matmul(const at::Tensor& x2d, const uint8_t* packed, const fl
     const int64_t r1 = std::min(N, r0 + rows);
     at::parallel_for(r0, r1, 1, [&](int64_t begin, int64_t end) {
       dequantize_range<T, W>(packed, absmax, blocksize, t, begin * K, end * K, w + (begin - r0) * K,
-                             avx2);
+                             k);
     });
     const at::Tensor wc = at::from_blob(w, {r1 - r0, K}, at::TensorOptions(w_dtype));
     at::Tensor y = detail::dense_linear(x2d, wc);
@@ -85,7 +85,7 @@ at::Tensor matmul_4bit_cpu(const at::Tensor& x, const at::Tensor& B, const at::T
   const at::Tensor bytes = B.contiguous().view(at::kByte);
   const at::Tensor scales = absmax.contiguous();
   const bool has_bias = bias.has_value() && bias->defined();
-  if (x.scalar_type() == at::kBFloat16 && onednn_dtype_supported(at::kBFloat16)) {
+  if (x.scalar_type() == at::kBFloat16 && native_bf16_gemm()) {
     // bfloat16 weights straight into oneDNN's bfloat16 GEMM (products are
     // exact in its float32 accumulator); a bias is added to the rounded
     // result, one more rounding.

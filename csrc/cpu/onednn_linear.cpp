@@ -1,12 +1,18 @@
 #include "onednn_linear.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/linear.h>
+#include <c10/util/Logging.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <vector>
+
+#include "qlora/cpu_capability.h"
 
 namespace qlora::cpu {
 namespace {
@@ -27,7 +33,47 @@ const std::optional<c10::OperatorHandle>& linear_pointwise_op() {
   return op;
 }
 
+// Set when oneDNN refused a bfloat16 primitive on this machine although the
+// level said it should have one (a CPU or oneDNN build we have not seen):
+// from then on bfloat16 takes the float32 route.
+std::atomic<bool> bf16_refused{false};
+
+// Float32 weight tiles of at most this many elements (4 MB): converted from
+// bfloat16/float16 while cache-resident, never a float32 copy of W.
+constexpr int64_t kTileElements = int64_t{1} << 20;
+
+at::Tensor float32_gemm(const at::Tensor& x, const at::Tensor& w) {
+  return onednn_linear_supported(x, w) ? onednn_linear(x, w) : at::linear(x, w);
+}
+
+// y = x W^T with 16-bit operands computed in float32: x converted once, W a
+// tile of output features at a time; the result rounded once to x's dtype.
+at::Tensor linear_in_float32(const at::Tensor& x, const at::Tensor& w) {
+  const int64_t N = w.size(0), K = w.size(1);
+  const at::Tensor x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();
+  const int64_t tile = std::clamp<int64_t>(kTileElements / std::max<int64_t>(K, 1), 64, N);
+  at::Tensor y;
+  if (tile >= N) {
+    y = float32_gemm(x2, w.to(at::kFloat).contiguous());
+  } else {
+    y = at::empty({x2.size(0), N}, x2.options());
+    for (int64_t n0 = 0; n0 < N; n0 += tile) {
+      const int64_t len = std::min(tile, N - n0);
+      y.narrow(1, n0, len)
+          .copy_(float32_gemm(x2, w.narrow(0, n0, len).to(at::kFloat).contiguous()));
+    }
+  }
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+  shape.push_back(N);
+  return y.to(x.scalar_type()).view(shape);
+}
+
 }  // namespace
+
+bool native_bf16_gemm() {
+  return cpu_capability() >= CpuCapability::kAvx512Bf16 && onednn_dtype_supported(at::kBFloat16) &&
+         !bf16_refused.load(std::memory_order_relaxed);
+}
 
 bool onednn_enabled() { return enabled_flag().load(std::memory_order_relaxed); }
 void set_onednn_enabled(bool enabled) { enabled_flag().store(enabled); }
@@ -72,8 +118,30 @@ bool is_plain_cpu_tensor(const at::Tensor& t) {
 }
 
 at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w) {
-  if (cpu::onednn_linear_supported(x, w) && x.numel() > 0) return cpu::onednn_linear(x, w);
-  return at::linear(x, w);
+  // Traced tensors first: numel() of a symbolic tensor throws.
+  if (!is_plain_cpu_tensor(x) || !is_plain_cpu_tensor(w) || x.numel() == 0 || w.dim() != 2 ||
+      x.scalar_type() != w.scalar_type() || x.size(-1) != w.size(1))
+    return at::linear(x, w);
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      return cpu::float32_gemm(x, w);
+    case at::kBFloat16:
+      if (cpu::native_bf16_gemm() && cpu::onednn_linear_supported(x, w)) {
+        try {
+          return cpu::onednn_linear(x, w);
+        } catch (const std::exception& e) {
+          cpu::bf16_refused.store(true);
+          LOG(WARNING) << "qlora: oneDNN has no bfloat16 GEMM on this CPU although it reports "
+                       << cpu_capability_name(cpu_capability())
+                       << "; bfloat16 GEMMs compute in float32 from now on (" << e.what() << ")";
+        }
+      }
+      return cpu::linear_in_float32(x, w);
+    case at::kHalf:
+      return cpu::linear_in_float32(x, w);
+    default:
+      return at::linear(x, w);
+  }
 }
 
 }  // namespace qlora::detail

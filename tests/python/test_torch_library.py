@@ -1,6 +1,10 @@
 """torch.ops.qlora.* as PyTorch sees them: opcheck (schema, autograd
 registration, fake tensors, AOT dispatch), torch.compile(fullgraph=True),
 torch.export, gradcheck, and schema parity with torch.ops.bitsandbytes."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch.library import opcheck
@@ -10,6 +14,12 @@ import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes for the par
 import conftest  # noqa: F401  (loads libqlora)
 
 qlora = torch.ops.qlora
+
+LEVELS = ["portable", "avx2", "avx512", "avx512_bf16"]
+REQUIRED = os.environ.get("QLORA_REQUIRE_CPU_CAPABILITY")
+if REQUIRED and LEVELS.index(qlora.cpu_capability()) < LEVELS.index(REQUIRED):
+    pytest.skip(f"this CPU's level is {qlora.cpu_capability()}, below {REQUIRED}",
+                allow_module_level=True)
 
 
 def weight(out_f=48, in_f=128, blocksize=64, quant_type="nf4"):
@@ -126,3 +136,30 @@ def test_schema_mirrors_bitsandbytes(name):
     norm = lambda t: str(t).replace("SymInt[]", "int[]")  # noqa: E731
     assert [(a.name, norm(a.type)) for a in ours.arguments] == [(a.name, norm(a.type)) for a in theirs.arguments]
     assert [norm(r.type) for r in ours.returns] == [norm(r.type) for r in theirs.returns]
+
+
+def test_cpu_capability_op():
+    level = qlora.cpu_capability()
+    assert level in LEVELS
+    if REQUIRED:
+        assert level == REQUIRED  # the environment's cap is what the kernels use
+    try:
+        assert qlora.cpu_capability("portable") == "portable"
+        w = torch.randn(8, 64)
+        p, a = qlora.quantize_4bit(w, 64, "nf4", torch.uint8)
+        y = qlora.dequantize_4bit(p, a, 64, "nf4", [8, 64], torch.bfloat16)
+    finally:
+        assert qlora.cpu_capability(level) == level
+    assert torch.equal(y, qlora.dequantize_4bit(p, a, 64, "nf4", [8, 64], torch.bfloat16))
+    with pytest.raises(RuntimeError, match="expected one of portable, avx2, avx512, avx512_bf16"):
+        qlora.cpu_capability("sse9")
+
+
+def test_bad_capability_variable_is_a_clear_error():
+    code = ("import torch; torch.ops.load_library(%r); "
+            "torch.ops.qlora.quantize_4bit(torch.ones(64), 64, 'nf4', torch.uint8)") % conftest.LIBRARY
+    env = dict(os.environ, QLORA_CPU_CAPABILITY="avx9000")
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode != 0
+    assert "QLORA_CPU_CAPABILITY='avx9000' is not a CPU capability level" in p.stderr

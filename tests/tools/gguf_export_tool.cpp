@@ -7,8 +7,13 @@
 // OUT.merged.safetensors (our merged weights, Hugging Face names, float32,
 // no Q/K permutation) and OUT.logits.safetensors ("logits": our model's
 // float32 logits on input ids 0..15, shape [1, 16, vocab]).
+//   gguf_export_tool logits MODEL_PATH IDS OUT.safetensors
+// writes "logits" [1, n, vocab] of the model at MODEL_PATH as loaded (a GGUF's
+// quantised tensors dequantised exactly, nothing re-quantised) on the
+// comma-separated token ids IDS.
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <iostream>
 #include <map>
 #include <optional>
@@ -26,15 +31,42 @@ namespace {
 int usage() {
   std::cerr << "usage: gguf_export_tool merged MODEL_PATH TOKENIZER_SOURCE OUT.gguf OUTTYPE "
                "[--lora-random SEED] [--rslora] [--dora] [--r R] [--alpha A] [--quantize]\n"
-               "       gguf_export_tool adapter MODEL_PATH OUT.gguf [same flags]\n";
+               "       gguf_export_tool adapter MODEL_PATH OUT.gguf [same flags]\n"
+               "       gguf_export_tool logits MODEL_PATH IDS OUT.safetensors\n";
   return 2;
 }
 
 }  // namespace
 
+// Logits of a model as stored, on given ids (the llama.cpp comparison).
+int logits_mode(const std::string& model_path, const std::string& ids_csv, const std::string& out) {
+  std::vector<int64_t> ids;
+  for (size_t pos = 0; pos < ids_csv.size();) {
+    const size_t comma = std::min(ids_csv.find(',', pos), ids_csv.size());
+    ids.push_back(std::stoll(ids_csv.substr(pos, comma - pos)));
+    pos = comma + 1;
+  }
+  qlora::models::LlamaForCausalLM model = qlora::models::load_llama(model_path);
+  model->eval();
+  torch::NoGradGuard no_grad;
+  const at::Tensor logits =
+      model->forward(torch::tensor(ids, torch::kLong).unsqueeze(0)).to(torch::kFloat).contiguous();
+  qlora::io::save_safetensors(out, std::map<std::string, at::Tensor>{{"logits", logits}});
+  return 0;
+}
+
 int main(int argc, char** argv) {
   if (argc < 2) return usage();
   const std::string mode = argv[1];
+  if (mode == "logits") {
+    if (argc != 5) return usage();
+    try {
+      return logits_mode(argv[2], argv[3], argv[4]);
+    } catch (const std::exception& e) {
+      std::cerr << "error: " << e.what() << "\n";
+      return 1;
+    }
+  }
   std::vector<std::string> pos;
   std::optional<uint64_t> seed;
   bool rslora = false, dora = false, quantize = false;

@@ -1,0 +1,54 @@
+// The inner loops of the CPU kernels, one table per instruction-set level
+// (kernels_portable.cpp, kernels_avx2.cpp, kernels_avx512.cpp). The ops pick
+// a table once per call from qlora::cpu_capability(), so a cap set by a test
+// or QLORA_CPU_CAPABILITY reaches every kernel family at once.
+//
+// The SIMD tables are compiled with function-level target attributes, not
+// file-wide -m flags: no AVX code can leak into inline functions shared with
+// the rest of the library. Every entry gives results bit-identical to the
+// portable one, except `dot` (float32 sums in another order).
+#pragma once
+
+#include <cstdint>
+
+#include "../common/dropout_hash.h"
+#include "../common/quant_math.h"
+#include "qlora/cpu_capability.h"
+
+namespace qlora::cpu {
+
+// What a dequantised value becomes: code * absmax in float32, rounded once to
+// the compute dtype (round to nearest even, as torch's .to()) and stored as
+// that dtype or, to feed a float32 GEMM, widened back to float32.
+enum class Expand : int { kF32 = 0, kBF16, kF16, kBF16AsF32, kF16AsF32 };
+
+struct IsaKernels {
+  const char* name;
+  // Max of |x| bit patterns (abs_bits) over n floats, any n.
+  uint32_t (*max_abs_bits)(const float* x, int64_t n);
+  // Encodes and packs one full block of n floats (n a multiple of 32) scaled
+  // by inv, into n/2 bytes.
+  void (*encode_pack)(const float* x, int64_t n, float inv, const detail::FourBitTables& t,
+                      uint8_t* out);
+  // Dequantises n elements (a multiple of 32) of one block with a finite
+  // absmax: values[code] * absmax, written per `kind` (see Expand).
+  void (*expand)(const uint8_t* packed, int64_t n, const float* values, float absmax, Expand kind,
+                 void* dst);
+  // Float32 dot product, any n.
+  float (*dot)(const float* a, const float* b, int64_t n);
+  // out[i] = keeps(first + i) ? in[i] * scale : 0 for a run whose index does
+  // not cross a multiple of 2^32.
+  void (*dropout_run)(const float* in, float* out, int64_t n, uint64_t first,
+                      const detail::DropoutKey& key);
+};
+
+const IsaKernels& portable_kernels();
+const IsaKernels& avx2_kernels();    // only called where the CPU has AVX2 + FMA + F16C
+const IsaKernels& avx512_kernels();  // only called where the CPU has AVX-512 F/BW/DQ/VL
+
+// The table of a level (avx512_bf16 uses the AVX-512 table: what it adds is
+// the bfloat16 GEMM, see dense_gemm.h), and of the level in force.
+const IsaKernels& isa_kernels(CpuCapability level);
+inline const IsaKernels& isa_kernels() { return isa_kernels(cpu_capability()); }
+
+}  // namespace qlora::cpu
