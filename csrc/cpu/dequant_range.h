@@ -41,23 +41,27 @@ void dequantize_range(const uint8_t* packed, const float* absmax, int64_t blocks
                       const detail::FourBitTables& t, int64_t begin, int64_t end, Out* dst,
                       const IsaKernels& k) {
   constexpr Expand kind = expand_kind<Round, Out>();
-  for (int64_t i = begin; i < end;) {
-    const int64_t block = i / blocksize;
-    const int64_t seg_end = std::min(end, (block + 1) * blocksize);
-    const float scale = absmax[block];
-    // Whole blocks (blocksizes are multiples of 32) take the level's loop; a
-    // NaN/inf absmax (a corrupt file) the portable one, which rounds NaN as
-    // torch does.
-    if (i == block * blocksize && seg_end == i + blocksize &&
-        detail::abs_bits(scale) < detail::kNonFiniteBits) {
-      k.expand(packed + i / 2, blocksize, t.values, scale, kind, dst + (i - begin));
-    } else {
-      Out lut[16];
-      for (int c = 0; c < 16; ++c) lut[c] = static_cast<Out>(round_to<Round>(t.values[c] * scale));
-      for (int64_t e = i; e < seg_end; ++e) dst[e - begin] = lut[detail::nibble_at(packed, e)];
-    }
-    i = seg_end;
+  auto partial = [&](int64_t from, int64_t to) {  // inside one block
+    Out lut[16];
+    const float scale = absmax[from / blocksize];
+    for (int c = 0; c < 16; ++c) lut[c] = static_cast<Out>(round_to<Round>(t.values[c] * scale));
+    for (int64_t e = from; e < to; ++e) dst[e - begin] = lut[detail::nibble_at(packed, e)];
+  };
+  // A leading partial block, the whole blocks in one call of the level's
+  // loop (blocksizes are multiples of 32), a trailing partial block.
+  int64_t i = begin;
+  if (i % blocksize != 0) {
+    const int64_t to = std::min(end, (i / blocksize + 1) * blocksize);
+    partial(i, to);
+    i = to;
   }
+  const int64_t whole = (end - i) / blocksize;
+  if (whole > 0) {
+    k.expand(packed + i / 2, absmax + i / blocksize, whole, blocksize, t.values, kind,
+             dst + (i - begin));
+    i += whole * blocksize;
+  }
+  if (i < end) partial(i, end);
 }
 
 }  // namespace qlora::cpu

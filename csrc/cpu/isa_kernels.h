@@ -22,6 +22,10 @@ namespace qlora::cpu {
 // that dtype or, to feed a float32 GEMM, widened back to float32.
 enum class Expand : int { kF32 = 0, kBF16, kF16, kBF16AsF32, kF16AsF32 };
 
+constexpr int64_t expand_bytes(Expand kind) {
+  return kind == Expand::kBF16 || kind == Expand::kF16 ? 2 : 4;
+}
+
 struct IsaKernels {
   const char* name;
   // Max of |x| bit patterns (abs_bits) over n floats, any n.
@@ -30,10 +34,12 @@ struct IsaKernels {
   // by inv, into n/2 bytes.
   void (*encode_pack)(const float* x, int64_t n, float inv, const detail::FourBitTables& t,
                       uint8_t* out);
-  // Dequantises n elements (a multiple of 32) of one block with a finite
-  // absmax: values[code] * absmax, written per `kind` (see Expand).
-  void (*expand)(const uint8_t* packed, int64_t n, const float* values, float absmax, Expand kind,
-                 void* dst);
+  // Dequantises `blocks` whole consecutive blocks of `blocksize` elements (a
+  // multiple of 32): values[code] * absmax[b], written per `kind` (see
+  // Expand). A block with a NaN/inf absmax (a corrupt file) is decoded as
+  // torch rounds NaN.
+  void (*expand)(const uint8_t* packed, const float* absmax, int64_t blocks, int64_t blocksize,
+                 const float* values, Expand kind, void* dst);
   // Float32 dot product, any n.
   float (*dot)(const float* a, const float* b, int64_t n);
   // out[i] = keeps(first + i) ? in[i] * scale : 0 for a run whose index does

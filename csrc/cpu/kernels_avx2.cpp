@@ -89,13 +89,6 @@ QLORA_AVX2 __m256i bf16_bits(__m256 v) {
                            16);
 }
 
-// 16 dwords holding 16-bit values -> 16 packed 16-bit values in order.
-QLORA_AVX2 void store_16x16(__m256i a, __m256i b, void* dst) {
-  const __m256i packed =
-      _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), _MM_SHUFFLE(3, 1, 2, 0));
-  _mm256_storeu_si256(static_cast<__m256i*>(dst), packed);
-}
-
 // Elements 8g..8g+7 of a 32-element group as float32 values: nibble
 // indices widened to dwords, a 16-entry lookup as two 8-entry permutes
 // selected by index bit 3, times absmax.
@@ -107,54 +100,115 @@ QLORA_AVX2 __m256 values8(__m128i nibbles, __m256 lo_tab, __m256 hi_tab, __m256 
   return _mm256_mul_ps(v, scale);
 }
 
-QLORA_AVX2 void expand(const uint8_t* packed, int64_t n, const float* values, float absmax,
-                       Expand kind, void* dst) {
+// The 16 possible values of a block, rounded to 16 bits (bfloat16 or
+// float16 bits), as two byte tables duplicated in both 128-bit lanes: byte 0
+// and byte 1 of every entry, for vpshufb lookups by nibble.
+template <Expand K>
+QLORA_AVX2 void tables16(__m256 lo_tab, __m256 hi_tab, __m256 scale, __m256i tables[2]) {
+  const __m256 a = _mm256_mul_ps(lo_tab, scale), b = _mm256_mul_ps(hi_tab, scale);
+  __m256i entries;  // entries 0..7 in lane 0, 8..15 in lane 1
+  if constexpr (K == Expand::kBF16) {
+    entries = _mm256_permute4x64_epi64(_mm256_packus_epi32(bf16_bits(a), bf16_bits(b)),
+                                       _MM_SHUFFLE(3, 1, 2, 0));
+  } else {
+    entries = _mm256_set_m128i(_mm256_cvtps_ph(b, _MM_FROUND_TO_NEAREST_INT),
+                               _mm256_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT));
+  }
+  const __m256i gather = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0,
+                                          2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  const __m256i g = _mm256_shuffle_epi8(entries, gather);
+  const __m128i l = _mm256_castsi256_si128(g), h = _mm256_extracti128_si256(g, 1);
+  tables[0] = _mm256_broadcastsi128_si256(_mm_unpacklo_epi64(l, h));
+  tables[1] = _mm256_broadcastsi128_si256(_mm_unpackhi_epi64(l, h));
+}
+
+// 16 packed bytes -> 32 nibble indices in element order (lane 0: elements
+// 0..15, lane 1: 16..31), the even element's high nibble first.
+QLORA_AVX2 __m256i nibble_indices(const uint8_t* src) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+  const __m128i lo = _mm_and_si128(v, mask);
+  return _mm256_set_m128i(_mm_unpackhi_epi8(hi, lo), _mm_unpacklo_epi8(hi, lo));
+}
+
+// 16-bit outputs: a table per block, then two byte lookups per 32 elements
+// (cheaper than converting every element on AVX2).
+template <Expand K>
+QLORA_AVX2 void expand16(const uint8_t* packed, int64_t blocksize, __m256 lo_tab, __m256 hi_tab,
+                         float absmax, uint16_t* out) {
+  __m256i tables[2];
+  tables16<K>(lo_tab, hi_tab, _mm256_set1_ps(absmax), tables);
+  for (int64_t j = 0; j < blocksize / 2; j += 16, out += 32) {
+    const __m256i idx = nibble_indices(packed + j);
+    const __m256i b0 = _mm256_shuffle_epi8(tables[0], idx),
+                  b1 = _mm256_shuffle_epi8(tables[1], idx);
+    const __m256i lo = _mm256_unpacklo_epi8(b0, b1);  // elements 0..7 | 16..23
+    const __m256i hi = _mm256_unpackhi_epi8(b0, b1);  // 8..15 | 24..31
+    auto* dst = reinterpret_cast<__m256i*>(out);
+    _mm256_storeu_si256(dst + 0, _mm256_permute2x128_si256(lo, hi, 0x20));
+    _mm256_storeu_si256(dst + 1, _mm256_permute2x128_si256(lo, hi, 0x31));
+  }
+}
+
+// One whole block per call of the inner loop; the kind is a template
+// parameter so the loop carries no switch.
+template <Expand K>
+QLORA_AVX2 void expand_as(const uint8_t* packed, const float* absmax, int64_t blocks,
+                          int64_t blocksize, const float* values, void* dst) {
   const __m256 lo_tab = _mm256_loadu_ps(values), hi_tab = _mm256_loadu_ps(values + 8);
-  const __m256 scale = _mm256_set1_ps(absmax);
   const __m128i low4 = _mm_set1_epi8(0x0F);
-  for (int64_t i = 0; i < n; i += 32) {
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + i / 2));
-    const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
-    // Element order: high nibble of byte 0, its low nibble, byte 1, ... The
-    // low nibbles keep their high bits: the lookups only read bits 3..0.
-    const __m128i e0 = _mm_unpacklo_epi8(hi, b), e1 = _mm_unpackhi_epi8(hi, b);
-    __m256 v[4] = {
-        values8(e0, lo_tab, hi_tab, scale), values8(_mm_srli_si128(e0, 8), lo_tab, hi_tab, scale),
-        values8(e1, lo_tab, hi_tab, scale), values8(_mm_srli_si128(e1, 8), lo_tab, hi_tab, scale)};
-    switch (kind) {
-      case Expand::kF32: {
-        float* out = static_cast<float*>(dst) + i;
-        for (int g = 0; g < 4; ++g) _mm256_storeu_ps(out + 8 * g, v[g]);
-        break;
-      }
-      case Expand::kBF16AsF32: {
-        float* out = static_cast<float*>(dst) + i;
-        for (int g = 0; g < 4; ++g)
-          _mm256_storeu_ps(out + 8 * g,
-                           _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits(v[g]), 16)));
-        break;
-      }
-      case Expand::kF16AsF32: {
-        float* out = static_cast<float*>(dst) + i;
-        for (int g = 0; g < 4; ++g)
-          _mm256_storeu_ps(out + 8 * g,
-                           _mm256_cvtph_ps(_mm256_cvtps_ph(v[g], _MM_FROUND_TO_NEAREST_INT)));
-        break;
-      }
-      case Expand::kBF16: {
-        uint16_t* out = static_cast<uint16_t*>(dst) + i;
-        store_16x16(bf16_bits(v[0]), bf16_bits(v[1]), out);
-        store_16x16(bf16_bits(v[2]), bf16_bits(v[3]), out + 16);
-        break;
-      }
-      case Expand::kF16: {
-        uint16_t* out = static_cast<uint16_t*>(dst) + i;
-        for (int g = 0; g < 4; ++g)
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 8 * g),
-                           _mm256_cvtps_ph(v[g], _MM_FROUND_TO_NEAREST_INT));
-        break;
+  auto* out_bytes = static_cast<char*>(dst);
+  for (int64_t blk = 0; blk < blocks; ++blk, packed += blocksize / 2) {
+    void* out_block = out_bytes + blk * blocksize * expand_bytes(K);
+    if (detail::abs_bits(absmax[blk]) >= detail::kNonFiniteBits) {
+      portable_kernels().expand(packed, absmax + blk, 1, blocksize, values, K, out_block);
+      continue;
+    }
+    if constexpr (K == Expand::kBF16 || K == Expand::kF16) {
+      expand16<K>(packed, blocksize, lo_tab, hi_tab, absmax[blk],
+                  static_cast<uint16_t*>(out_block));
+      continue;
+    }
+    const __m256 scale = _mm256_set1_ps(absmax[blk]);
+    for (int64_t i = 0; i < blocksize; i += 32) {
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + i / 2));
+      const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+      // Element order: high nibble of byte 0, its low nibble, byte 1, ... The
+      // low nibbles keep their high bits: the lookups only read bits 3..0.
+      const __m128i e0 = _mm_unpacklo_epi8(hi, b), e1 = _mm_unpackhi_epi8(hi, b);
+      const __m256 v[4] = {values8(e0, lo_tab, hi_tab, scale),
+                           values8(_mm_srli_si128(e0, 8), lo_tab, hi_tab, scale),
+                           values8(e1, lo_tab, hi_tab, scale),
+                           values8(_mm_srli_si128(e1, 8), lo_tab, hi_tab, scale)};
+      if constexpr (K == Expand::kF32 || K == Expand::kBF16AsF32 || K == Expand::kF16AsF32) {
+        float* out = static_cast<float*>(out_block) + i;
+        for (int g = 0; g < 4; ++g) {
+          __m256 r = v[g];
+          if constexpr (K == Expand::kBF16AsF32)
+            r = _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits(v[g]), 16));
+          if constexpr (K == Expand::kF16AsF32)
+            r = _mm256_cvtph_ps(_mm256_cvtps_ph(v[g], _MM_FROUND_TO_NEAREST_INT));
+          _mm256_storeu_ps(out + 8 * g, r);
+        }
       }
     }
+  }
+}
+
+void expand(const uint8_t* packed, const float* absmax, int64_t blocks, int64_t blocksize,
+            const float* values, Expand kind, void* dst) {
+  switch (kind) {
+    case Expand::kF32:
+      return expand_as<Expand::kF32>(packed, absmax, blocks, blocksize, values, dst);
+    case Expand::kBF16:
+      return expand_as<Expand::kBF16>(packed, absmax, blocks, blocksize, values, dst);
+    case Expand::kF16:
+      return expand_as<Expand::kF16>(packed, absmax, blocks, blocksize, values, dst);
+    case Expand::kBF16AsF32:
+      return expand_as<Expand::kBF16AsF32>(packed, absmax, blocks, blocksize, values, dst);
+    case Expand::kF16AsF32:
+      return expand_as<Expand::kF16AsF32>(packed, absmax, blocks, blocksize, values, dst);
   }
 }
 

@@ -79,54 +79,68 @@ QLORA_AVX512 __m512i bf16_bits(__m512 v) {
                            16);
 }
 
-QLORA_AVX512 void expand(const uint8_t* packed, int64_t n, const float* values, float absmax,
-                         Expand kind, void* dst) {
+// One whole block per call of the inner loop; the kind is a template
+// parameter so the loop carries no switch.
+template <Expand K>
+QLORA_AVX512 void expand_as(const uint8_t* packed, const float* absmax, int64_t blocks,
+                            int64_t blocksize, const float* values, void* dst) {
   const __m512 table = _mm512_loadu_ps(values);
-  const __m512 scale = _mm512_set1_ps(absmax);
   const __m128i low4 = _mm_set1_epi8(0x0F);
   constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-  for (int64_t i = 0; i < n; i += 32) {
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + i / 2));
-    const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
-    // Element order: high nibble first; the low nibbles keep their high
-    // bits, the permute reads index bits 3..0 only.
-    const __m512 v0 = _mm512_mul_ps(
-        _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, b)), table), scale);
-    const __m512 v1 = _mm512_mul_ps(
-        _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, b)), table), scale);
-    switch (kind) {
-      case Expand::kF32: {
-        float* out = static_cast<float*>(dst) + i;
-        _mm512_storeu_ps(out, v0);
-        _mm512_storeu_ps(out + 16, v1);
-        break;
-      }
-      case Expand::kBF16AsF32: {
-        float* out = static_cast<float*>(dst) + i;
-        _mm512_storeu_si512(out, _mm512_slli_epi32(bf16_bits(v0), 16));
-        _mm512_storeu_si512(out + 16, _mm512_slli_epi32(bf16_bits(v1), 16));
-        break;
-      }
-      case Expand::kF16AsF32: {
-        float* out = static_cast<float*>(dst) + i;
-        _mm512_storeu_ps(out, _mm512_cvtph_ps(_mm512_cvtps_ph(v0, kRound)));
-        _mm512_storeu_ps(out + 16, _mm512_cvtph_ps(_mm512_cvtps_ph(v1, kRound)));
-        break;
-      }
-      case Expand::kBF16: {
-        uint16_t* out = static_cast<uint16_t*>(dst) + i;
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(bf16_bits(v0)));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16),
-                            _mm512_cvtepi32_epi16(bf16_bits(v1)));
-        break;
-      }
-      case Expand::kF16: {
-        uint16_t* out = static_cast<uint16_t*>(dst) + i;
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtps_ph(v0, kRound));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16), _mm512_cvtps_ph(v1, kRound));
-        break;
+  auto* out_bytes = static_cast<char*>(dst);
+  for (int64_t blk = 0; blk < blocks; ++blk, packed += blocksize / 2) {
+    void* out_block = out_bytes + blk * blocksize * expand_bytes(K);
+    if (detail::abs_bits(absmax[blk]) >= detail::kNonFiniteBits) {
+      portable_kernels().expand(packed, absmax + blk, 1, blocksize, values, K, out_block);
+      continue;
+    }
+    const __m512 scale = _mm512_set1_ps(absmax[blk]);
+    for (int64_t i = 0; i < blocksize; i += 32) {
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + i / 2));
+      const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+      // Element order: high nibble first; the low nibbles keep their high
+      // bits, the permute reads index bits 3..0 only.
+      const __m512 v[2] = {
+          _mm512_mul_ps(
+              _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, b)), table), scale),
+          _mm512_mul_ps(
+              _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, b)), table), scale)};
+      for (int g = 0; g < 2; ++g) {
+        if constexpr (K == Expand::kF32) {
+          _mm512_storeu_ps(static_cast<float*>(out_block) + i + 16 * g, v[g]);
+        } else if constexpr (K == Expand::kBF16AsF32) {
+          _mm512_storeu_si512(static_cast<float*>(out_block) + i + 16 * g,
+                              _mm512_slli_epi32(bf16_bits(v[g]), 16));
+        } else if constexpr (K == Expand::kF16AsF32) {
+          _mm512_storeu_ps(static_cast<float*>(out_block) + i + 16 * g,
+                           _mm512_cvtph_ps(_mm512_cvtps_ph(v[g], kRound)));
+        } else if constexpr (K == Expand::kBF16) {
+          _mm256_storeu_si256(
+              reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out_block) + i + 16 * g),
+              _mm512_cvtepi32_epi16(bf16_bits(v[g])));
+        } else {
+          _mm256_storeu_si256(
+              reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out_block) + i + 16 * g),
+              _mm512_cvtps_ph(v[g], kRound));
+        }
       }
     }
+  }
+}
+
+void expand(const uint8_t* packed, const float* absmax, int64_t blocks, int64_t blocksize,
+            const float* values, Expand kind, void* dst) {
+  switch (kind) {
+    case Expand::kF32:
+      return expand_as<Expand::kF32>(packed, absmax, blocks, blocksize, values, dst);
+    case Expand::kBF16:
+      return expand_as<Expand::kBF16>(packed, absmax, blocks, blocksize, values, dst);
+    case Expand::kF16:
+      return expand_as<Expand::kF16>(packed, absmax, blocks, blocksize, values, dst);
+    case Expand::kBF16AsF32:
+      return expand_as<Expand::kBF16AsF32>(packed, absmax, blocks, blocksize, values, dst);
+    case Expand::kF16AsF32:
+      return expand_as<Expand::kF16AsF32>(packed, absmax, blocks, blocksize, values, dst);
   }
 }
 

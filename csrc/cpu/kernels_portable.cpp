@@ -29,26 +29,32 @@ void encode_pack(const float* x, int64_t n, float inv, const detail::FourBitTabl
 // A block's 16 possible values are rounded once into a table, then each
 // element is a lookup.
 template <typename Out, typename Round>
-void expand_as(const uint8_t* packed, int64_t n, const float* values, float absmax, void* dst) {
-  Out lut[16];
-  for (int k = 0; k < 16; ++k) lut[k] = static_cast<Out>(static_cast<Round>(values[k] * absmax));
+void expand_as(const uint8_t* packed, const float* absmax, int64_t blocks, int64_t blocksize,
+               const float* values, void* dst) {
   Out* out = static_cast<Out*>(dst);
-  for (int64_t e = 0; e < n; ++e) out[e] = lut[detail::nibble_at(packed, e)];
+  for (int64_t b = 0; b < blocks; ++b) {
+    Out lut[16];
+    for (int k = 0; k < 16; ++k)
+      lut[k] = static_cast<Out>(static_cast<Round>(values[k] * absmax[b]));
+    const uint8_t* src = packed + b * blocksize / 2;
+    for (int64_t e = 0; e < blocksize; ++e) out[b * blocksize + e] = lut[detail::nibble_at(src, e)];
+  }
 }
 
-void expand(const uint8_t* packed, int64_t n, const float* values, float absmax, Expand kind,
-            void* dst) {
+void expand(const uint8_t* packed, const float* absmax, int64_t blocks, int64_t blocksize,
+            const float* values, Expand kind, void* dst) {
   switch (kind) {
     case Expand::kF32:
-      return expand_as<float, float>(packed, n, values, absmax, dst);
+      return expand_as<float, float>(packed, absmax, blocks, blocksize, values, dst);
     case Expand::kBF16:
-      return expand_as<c10::BFloat16, c10::BFloat16>(packed, n, values, absmax, dst);
+      return expand_as<c10::BFloat16, c10::BFloat16>(packed, absmax, blocks, blocksize, values,
+                                                     dst);
     case Expand::kF16:
-      return expand_as<c10::Half, c10::Half>(packed, n, values, absmax, dst);
+      return expand_as<c10::Half, c10::Half>(packed, absmax, blocks, blocksize, values, dst);
     case Expand::kBF16AsF32:
-      return expand_as<float, c10::BFloat16>(packed, n, values, absmax, dst);
+      return expand_as<float, c10::BFloat16>(packed, absmax, blocks, blocksize, values, dst);
     case Expand::kF16AsF32:
-      return expand_as<float, c10::Half>(packed, n, values, absmax, dst);
+      return expand_as<float, c10::Half>(packed, absmax, blocks, blocksize, values, dst);
   }
 }
 
