@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../common/dropout_hash.h"
 #include "../common/quant_math.h"
@@ -24,6 +25,25 @@ enum class Expand : int { kF32 = 0, kBF16, kF16, kBF16AsF32, kF16AsF32 };
 
 constexpr int64_t expand_bytes(Expand kind) {
   return kind == Expand::kBF16 || kind == Expand::kF16 ? 2 : 4;
+}
+
+// Calls f(std::integral_constant<Expand, kind>{}): a run-time kind to the
+// template parameter the SIMD loops are compiled for.
+template <typename F>
+void with_expand_kind(Expand kind, F&& f) {
+  using E = Expand;
+  switch (kind) {
+    case E::kF32:
+      return f(std::integral_constant<E, E::kF32>{});
+    case E::kBF16:
+      return f(std::integral_constant<E, E::kBF16>{});
+    case E::kF16:
+      return f(std::integral_constant<E, E::kF16>{});
+    case E::kBF16AsF32:
+      return f(std::integral_constant<E, E::kBF16AsF32>{});
+    case E::kF16AsF32:
+      return f(std::integral_constant<E, E::kF16AsF32>{});
+  }
 }
 
 struct IsaKernels {

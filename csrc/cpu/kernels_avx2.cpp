@@ -198,18 +198,9 @@ QLORA_AVX2 void expand_as(const uint8_t* packed, const float* absmax, int64_t bl
 
 void expand(const uint8_t* packed, const float* absmax, int64_t blocks, int64_t blocksize,
             const float* values, Expand kind, void* dst) {
-  switch (kind) {
-    case Expand::kF32:
-      return expand_as<Expand::kF32>(packed, absmax, blocks, blocksize, values, dst);
-    case Expand::kBF16:
-      return expand_as<Expand::kBF16>(packed, absmax, blocks, blocksize, values, dst);
-    case Expand::kF16:
-      return expand_as<Expand::kF16>(packed, absmax, blocks, blocksize, values, dst);
-    case Expand::kBF16AsF32:
-      return expand_as<Expand::kBF16AsF32>(packed, absmax, blocks, blocksize, values, dst);
-    case Expand::kF16AsF32:
-      return expand_as<Expand::kF16AsF32>(packed, absmax, blocks, blocksize, values, dst);
-  }
+  with_expand_kind(kind, [&](auto k) {
+    expand_as<decltype(k)::value>(packed, absmax, blocks, blocksize, values, dst);
+  });
 }
 
 QLORA_AVX2 float dot(const float* a, const float* b, int64_t n) {
