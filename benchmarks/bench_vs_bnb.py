@@ -16,7 +16,7 @@ import cpu_level
 
 warnings.filterwarnings("ignore")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-torch.ops.load_library(os.environ.get("QLORA_LIBRARY", os.path.join(REPO, "build/csrc/libqlora.so")))
+torch.ops.load_library(os.environ.get("QLORA_LIBRARY", os.path.join(REPO, "build/csrc/libqlora_ops.so")))
 
 import bitsandbytes as bnb  # noqa: E402
 import bitsandbytes.functional as F  # noqa: E402

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../ops/checks.h"
+#include "../ops/matmul_4bit_composite.h"
 #include "launchers.h"
 
 namespace qlora::cuda {
@@ -175,6 +176,8 @@ TORCH_LIBRARY_IMPL(qlora, CUDA, m) {
   m.impl("quantize_blockwise", &quantize_blockwise_cuda);
   m.impl("dequantize_blockwise", &dequantize_blockwise_cuda);
   m.impl("gemv_4bit", &gemv_4bit_cuda);
+  // Dequantize into the input dtype + cuBLAS, or the fused gemv for one row.
+  m.impl("matmul_4bit", &detail::matmul_4bit_composite);
 }
 
 }  // namespace qlora::cuda

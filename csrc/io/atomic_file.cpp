@@ -12,6 +12,8 @@
 #include <system_error>
 #include <vector>
 
+#include "../util/fs.h"
+
 namespace qlora::io {
 namespace {
 
@@ -102,27 +104,6 @@ int create_temp_file(const std::string& path, std::string* tmp_path) {
   throw_errno(EEXIST, "cannot create a unique temporary file for", path);
 }
 
-// std::filesystem is avoided on purpose: the torch wheels export their own
-// copies of its symbols, which then replace libstdc++'s in our binaries and
-// crash (pytorch/pytorch#133437).
-std::string parent_dir(const std::string& path) {
-  const size_t slash = path.rfind('/');
-  if (slash == std::string::npos) return ".";
-  return slash == 0 ? "/" : path.substr(0, slash);
-}
-
-void fsync_parent_dir(const std::string& path) {
-  const std::string dir = parent_dir(path);
-  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) throw_errno(errno, "cannot open directory to fsync the rename of", path);
-  // Some file systems cannot fsync a directory and say so with EINVAL; the
-  // rename is then as durable as that file system can make it.
-  const int rc = ::fsync(fd);
-  const int err = errno;
-  ::close(fd);
-  if (rc != 0 && err != EINVAL) throw_errno(err, "cannot fsync the directory of", path);
-}
-
 // Owns the temporary file until it has been renamed over the destination.
 class TempFile {
  public:
@@ -143,10 +124,10 @@ class TempFile {
     if (rc != 0) throw_errno(errno, "cannot close", path_);
   }
 
+  // A failure to fsync the folder after the rename leaves nothing to undo:
+  // the temporary name is gone either way.
   void rename_to(const std::string& dest) {
-    if (::rename(path_.c_str(), dest.c_str()) != 0) {
-      throw_errno(errno, "cannot rename '" + path_ + "' to", dest);
-    }
+    fs::rename_durably(path_, dest);
     committed_ = true;
   }
 
@@ -176,7 +157,6 @@ void write_file_atomic(const std::string& path, const std::function<void(std::os
   }
   tmp.sync_and_close();
   tmp.rename_to(path);
-  fsync_parent_dir(path);
 }
 
 void write_bytes_atomic(const std::string& path, const void* data, size_t n) {

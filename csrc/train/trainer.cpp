@@ -439,7 +439,7 @@ void Trainer::State::prune_checkpoints() {
 }
 
 void Trainer::State::load_checkpoint(const std::string& dir) {
-  const auto state = nlohmann::json::parse(fs::read_text(dir + "/trainer_state.json"));
+  const auto state = nlohmann::json::parse(fs::read_file(dir + "/trainer_state.json"));
   nn::load_peft_adapter(dir + "/adapter", *model);
   torch::serialize::InputArchive archive;
   archive.load_from(dir + "/optimizer.pt");

@@ -8,9 +8,8 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
-#include <fstream>
-#include <sstream>
 #include <stdexcept>
+#include <system_error>
 
 namespace qlora::fs {
 
@@ -67,20 +66,55 @@ std::vector<std::string> list_dir(const std::string& path) {
 }
 
 void rename_durably(const std::string& from, const std::string& to) {
-  if (rename(from.c_str(), to.c_str()) != 0) fail("cannot rename \"" + from + "\" to", to);
-  const int fd = open(parent(to).c_str(), O_RDONLY | O_DIRECTORY);
-  if (fd >= 0) {
-    fsync(fd);
-    close(fd);
+  if (::rename(from.c_str(), to.c_str()) != 0) {
+    throw std::system_error(errno, std::generic_category(),
+                            "cannot rename \"" + from + "\" to \"" + to + "\"");
+  }
+  const std::string dir = parent(to);
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) {
+    throw std::system_error(errno, std::generic_category(),
+                            "cannot open the folder \"" + dir + "\" to make a rename durable");
+  }
+  const int rc = ::fsync(fd);
+  const int err = errno;
+  ::close(fd);
+  // Some file systems cannot fsync a folder and say so with EINVAL; the
+  // rename is then as durable as that file system can make it.
+  if (rc != 0 && err != EINVAL) {
+    throw std::system_error(err, std::generic_category(),
+                            "cannot fsync the folder of \"" + to + "\"");
   }
 }
 
-std::string read_text(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) fail("cannot read", path);
-  std::ostringstream s;
-  s << in.rdbuf();
-  return s.str();
+std::string read_file(const std::string& path) {
+  const auto io_error = [&](const char* what, int err) {
+    return std::system_error(err, std::generic_category(),
+                             std::string("cannot ") + what + " '" + path + "'");
+  };
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw io_error("open", errno);
+  struct Closer {
+    int fd;
+    ~Closer() { ::close(fd); }
+  } closer{fd};
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) throw io_error("stat", errno);
+  // read() on a folder fails with EISDIR anyway; saying so up front is clearer.
+  if (S_ISDIR(st.st_mode)) throw io_error("read", EISDIR);
+  std::string content;
+  if (S_ISREG(st.st_mode)) content.reserve(static_cast<size_t>(st.st_size));
+  char buffer[1 << 16];
+  for (;;) {
+    const ssize_t n = ::read(fd, buffer, sizeof(buffer));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      throw io_error("read", errno);
+    }
+    if (n == 0) break;
+    content.append(buffer, static_cast<size_t>(n));
+  }
+  return content;
 }
 
 }  // namespace qlora::fs

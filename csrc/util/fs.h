@@ -12,9 +12,13 @@ bool is_dir(const std::string& path);
 void make_dirs(const std::string& path);                     // mkdir -p; errors name the path
 void remove_tree(const std::string& path);                   // rm -rf; missing is fine
 std::vector<std::string> list_dir(const std::string& path);  // names, sorted
-// rename(2) and fsync of the parent folder, so the new name survives a crash.
+// rename(2) and fsync of the parent folder, so the new name survives a
+// crash. Throws if either fails (a file system that cannot fsync a folder,
+// EINVAL, is as durable as it can be); after a failed folder fsync the new
+// name is already in place.
 void rename_durably(const std::string& from, const std::string& to);
-std::string read_text(const std::string& path);
+// The whole file as bytes; errors name the path.
+std::string read_file(const std::string& path);
 std::string parent(const std::string& path);
 
 }  // namespace qlora::fs

@@ -4,7 +4,7 @@
 #include <torch/torch.h>
 #include <unistd.h>
 
-#include "qlora/jit/export.h"
+#include "qlora/export/torchscript.h"
 #include "qlora/nn/apply_lora.h"
 #include "qlora/nn/linear_host.h"
 #include "qlora/nn/lora_linear.h"

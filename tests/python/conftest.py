@@ -1,4 +1,5 @@
-"""Shared fixtures: the built libqlora and small helpers for the conformance tests."""
+"""Shared fixtures: the built libqlora_ops (the ops alone, as Python users load them) and
+small helpers for the conformance tests."""
 import os
 import pathlib
 import subprocess
@@ -8,7 +9,7 @@ import torch
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 BUILD = pathlib.Path(os.environ.get("QLORA_BUILD_DIR", REPO / "build"))
-LIBRARY = os.environ.get("QLORA_LIBRARY", str(BUILD / "csrc" / "libqlora.so"))
+LIBRARY = os.environ.get("QLORA_LIBRARY", str(BUILD / "csrc" / "libqlora_ops.so"))
 
 torch.ops.load_library(LIBRARY)
 

@@ -21,7 +21,7 @@
 #include <vector>
 
 #include "qlora/io/safetensors.h"
-#include "qlora/models/gguf_export.h"
+#include "qlora/export/gguf_model.h"
 #include "qlora/models/loader.h"
 #include "qlora/nn/apply_lora.h"
 #include "qlora/nn/lora_layer.h"

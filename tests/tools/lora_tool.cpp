@@ -14,7 +14,7 @@
 #include <string>
 
 #include "qlora/io/safetensors.h"
-#include "qlora/jit/export.h"
+#include "qlora/export/torchscript.h"
 #include "qlora/nn/apply_lora.h"
 #include "qlora/nn/linear_host.h"
 #include "qlora/nn/peft_adapter.h"

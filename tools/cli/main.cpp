@@ -16,9 +16,9 @@
 
 #include "inspect.h"
 #include "qlora/io/qnat.h"
-#include "qlora/models/gguf_export.h"
+#include "qlora/export/gguf_model.h"
 #include "qlora/models/loader.h"
-#include "qlora/models/saver.h"
+#include "qlora/export/hf_folder.h"
 #include "qlora/nn/peft_adapter.h"
 #include "qlora/train/trainer.h"
 

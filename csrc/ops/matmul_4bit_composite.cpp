@@ -1,10 +1,9 @@
-// matmul_4bit composite: single-row inputs go to the fused gemv_4bit kernel,
+// The device-generic matmul_4bit (registered for CUDA in cuda/cuda_ops.cpp): single-row inputs go to the fused gemv_4bit kernel,
 // everything else dequantises the weight once into the input dtype and runs
 // the backend's GEMM. Both call the qlora ops through the dispatcher, so each
 // device gets its own kernels.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/linear.h>
-#include <torch/library.h>
 
 #include "checks.h"
 #include "code_tables.h"
@@ -31,9 +30,5 @@ at::Tensor matmul_4bit_composite(const at::Tensor& x, const at::Tensor& B, const
 }
 
 }  // namespace detail
-
-#ifdef QLORA_WITH_CUDA
-TORCH_LIBRARY_IMPL(qlora, CUDA, m) { m.impl("matmul_4bit", &detail::matmul_4bit_composite); }
-#endif
 
 }  // namespace qlora

@@ -1,4 +1,4 @@
-#include "qlora/jit/export.h"
+#include "qlora/export/torchscript.h"
 
 #include <torch/nn/modules/activation.h>
 #include <torch/nn/modules/container/sequential.h>

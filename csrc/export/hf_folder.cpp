@@ -1,4 +1,4 @@
-#include "qlora/models/saver.h"
+#include "qlora/export/hf_folder.h"
 
 #include <map>
 #include <nlohmann/json.hpp>
@@ -77,7 +77,7 @@ int copy_tokenizer_files(const std::string& from_dir, const std::string& to_dir)
                            "special_tokens_map.json", "generation_config.json"}) {
     const std::string src = from_dir + "/" + name;
     if (!fs::exists(src) || fs::is_dir(src)) continue;
-    const std::string bytes = fs::read_text(src);
+    const std::string bytes = fs::read_file(src);
     io::write_bytes_atomic(to_dir + "/" + name, bytes.data(), bytes.size());
     ++copied;
   }

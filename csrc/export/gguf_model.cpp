@@ -1,4 +1,4 @@
-#include "qlora/models/gguf_export.h"
+#include "qlora/export/gguf_model.h"
 
 #include <ATen/ops/tensor.h>
 #include <torch/nn/modules/linear.h>

@@ -1,0 +1,19 @@
+#include "json_file.h"
+
+#include <stdexcept>
+
+#include "fs.h"
+
+namespace qlora::util {
+
+nlohmann::json read_json_file(const std::string& path, const std::string& what) {
+  const std::string text = fs::read_file(path);
+  try {
+    return nlohmann::json::parse(text);
+  } catch (const nlohmann::json::parse_error& e) {
+    throw std::runtime_error(what + " \"" + path + "\" is not valid JSON (byte " +
+                             std::to_string(e.byte) + "): " + e.what());
+  }
+}
+
+}  // namespace qlora::util
