@@ -13,8 +13,8 @@
 #include <string>
 #include <vector>
 
-#include "../cpu/onednn_linear.h"
-#include "../ops/code_tables.h"
+#include "ops/dense_linear.h"
+#include "ops/matmul_4bit_composite.h"
 #include "matmul_4bit_autograd.h"
 #include "qlora/ops.h"
 

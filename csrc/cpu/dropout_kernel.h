@@ -3,7 +3,7 @@
 
 #include <cstdint>
 
-#include "../common/dropout_hash.h"
+#include "common/dropout_hash.h"
 
 namespace qlora::cpu {
 

@@ -9,7 +9,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "../common/tables.h"
+#include "ops/code_tables.h"
 #include "../ops/checks.h"
 #include "cpu_utils.h"
 #include "dequant_range.h"

@@ -16,12 +16,13 @@
 #include <type_traits>
 #include <vector>
 
-#include "../common/tables.h"
+#include "ops/code_tables.h"
 #include "../ops/checks.h"
 #include "../ops/matmul_4bit_composite.h"
 #include "cpu_utils.h"
 #include "dequant_range.h"
-#include "onednn_linear.h"
+#include "cpu/onednn_linear.h"
+#include "ops/dense_linear.h"
 #include "qlora/ops.h"
 
 namespace qlora::cpu {

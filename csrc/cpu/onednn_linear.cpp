@@ -12,6 +12,7 @@
 #include <optional>
 #include <vector>
 
+#include "ops/dense_linear.h"
 #include "qlora/cpu_capability.h"
 
 namespace qlora::cpu {
@@ -108,40 +109,30 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w) {
   return x.dim() == 1 ? y.squeeze(0) : y;
 }
 
-}  // namespace qlora::cpu
-
-namespace qlora::detail {
-
-bool is_plain_cpu_tensor(const at::Tensor& t) {
-  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
-  return t.device().is_cpu() && !impl->is_python_dispatch() && !impl->has_symbolic_sizes_strides();
-}
-
-at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w) {
-  // Traced tensors first: numel() of a symbolic tensor throws.
-  if (!is_plain_cpu_tensor(x) || !is_plain_cpu_tensor(w) || x.numel() == 0 || w.dim() != 2 ||
+at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& w) {
+  if (x.numel() == 0 || w.dim() != 2 ||
       x.scalar_type() != w.scalar_type() || x.size(-1) != w.size(1))
     return at::linear(x, w);
   switch (x.scalar_type()) {
     case at::kFloat:
-      return cpu::float32_gemm(x, w);
+      return float32_gemm(x, w);
     case at::kBFloat16:
-      if (cpu::native_bf16_gemm() && cpu::onednn_linear_supported(x, w)) {
+      if (native_bf16_gemm() && onednn_linear_supported(x, w)) {
         try {
-          return cpu::onednn_linear(x, w);
+          return onednn_linear(x, w);
         } catch (const std::exception& e) {
-          cpu::bf16_refused.store(true);
+          bf16_refused.store(true);
           LOG(WARNING) << "qlora: oneDNN has no bfloat16 GEMM on this CPU although it reports "
                        << cpu_capability_name(cpu_capability())
                        << "; bfloat16 GEMMs compute in float32 from now on (" << e.what() << ")";
         }
       }
-      return cpu::linear_in_float32(x, w);
+      return linear_in_float32(x, w);
     case at::kHalf:
-      return cpu::linear_in_float32(x, w);
+      return linear_in_float32(x, w);
     default:
       return at::linear(x, w);
   }
 }
 
-}  // namespace qlora::detail
+}  // namespace qlora::cpu

@@ -31,20 +31,10 @@ bool onednn_linear_supported(const at::Tensor& x, const at::Tensor& w);
 // x [..., K] times W^T (W [N, K], any strides) -> [..., N], no autograd.
 at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w);
 
+// y = x W^T without bias on plain CPU tensors (ops/dense_linear.h checks):
+// float32 through oneDNN; bfloat16 through oneDNN's bfloat16 GEMM where
+// native_bf16_gemm(), else (and float16 always) in float32 over converted
+// weight tiles, rounded once. Other dtypes and shapes: at::linear.
+at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& w);
+
 }  // namespace qlora::cpu
-
-namespace qlora::detail {
-
-// A real CPU tensor: not traced (FakeTensor, symbolic sizes under
-// torch.compile / AOT autograd), so a kernel may read its memory directly;
-// traced ones must take the dispatcher route.
-bool is_plain_cpu_tensor(const at::Tensor& t);
-
-// y = x W^T without bias on plain CPU tensors: float32 through oneDNN;
-// bfloat16 through oneDNN's bfloat16 GEMM where native_bf16_gemm(), else
-// (and float16 always) in float32 over converted weight tiles, rounded once.
-// Other devices, dtypes and traced tensors: at::linear. Not differentiable
-// through the CPU paths: callers are kernels and autograd functions.
-at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w);
-
-}  // namespace qlora::detail

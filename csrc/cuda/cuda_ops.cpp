@@ -167,6 +167,21 @@ at::Tensor gemv_4bit_cuda(const at::Tensor& A, const at::Tensor& B, c10::SymIntA
   return out;
 }
 
+at::Tensor hash_dropout_cuda(const at::Tensor& input, double p, int64_t seed) {
+  require_cuda("hash_dropout", input, "input");
+  detail::check_hash_dropout(input, p);
+  TORCH_CHECK(input.scalar_type() != at::kDouble,
+              "qlora::hash_dropout (CUDA kernel): float64 is not supported; use float32, "
+              "float16 or bfloat16");
+  const c10::cuda::CUDAGuard guard(input.device());
+  const at::Tensor src = input.contiguous();
+  at::Tensor out = at::empty_like(src, at::MemoryFormat::Contiguous);
+  C10_CUDA_CHECK(hash_dropout(src.const_data_ptr(), to_dtype(src.scalar_type()), src.numel(),
+                              static_cast<uint64_t>(seed), p, out.mutable_data_ptr(),
+                              at::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(qlora, CUDA, m) {
@@ -178,6 +193,7 @@ TORCH_LIBRARY_IMPL(qlora, CUDA, m) {
   m.impl("gemv_4bit", &gemv_4bit_cuda);
   // Dequantize into the input dtype + cuBLAS, or the fused gemv for one row.
   m.impl("matmul_4bit", &detail::matmul_4bit_composite);
+  m.impl("hash_dropout", &hash_dropout_cuda);
 }
 
 }  // namespace qlora::cuda

@@ -1,7 +1,9 @@
-#include "name_hints.h"
+#include "io/name_hints.h"
 
 #include <algorithm>
 #include <utility>
+
+#include "util/strings.h"
 
 namespace qlora::io {
 
@@ -22,11 +24,6 @@ size_t edit_distance(const std::string& a, const std::string& b) {
   return row[b.size()];
 }
 
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() &&
-         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
 }  // namespace
 
 std::string close_names_hint(const std::string& name, const std::vector<std::string>& names) {
@@ -36,7 +33,7 @@ std::string close_names_hint(const std::string& name, const std::vector<std::str
   for (const std::string& candidate : names) {
     const size_t length_gap = candidate.size() > name.size() ? candidate.size() - name.size()
                                                              : name.size() - candidate.size();
-    if (ends_with(candidate, "." + name) || ends_with(name, "." + candidate)) {
+    if (util::ends_with(candidate, "." + name) || util::ends_with(name, "." + candidate)) {
       hits.emplace_back(0, candidate);
     } else if (length_gap <= max_distance) {
       const size_t d = edit_distance(name, candidate);
@@ -52,10 +49,4 @@ std::string close_names_hint(const std::string& name, const std::vector<std::str
   }
   return out + "?";
 }
-std::string shape_str(const std::vector<int64_t>& shape) {
-  std::string out = "[";
-  for (size_t i = 0; i < shape.size(); ++i) out += (i > 0 ? ", " : "") + std::to_string(shape[i]);
-  return out + "]";
-}
-
 }  // namespace qlora::io

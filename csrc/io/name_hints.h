@@ -1,5 +1,5 @@
 // Text for the file readers' error messages: "did you mean ...?" hints for
-// missing tensor and key names, and shapes.
+// missing tensor and key names.
 #pragma once
 
 #include <cstdint>
@@ -12,8 +12,5 @@ namespace qlora::io {
 // `name`, or differing from it by a leading module prefix ("model."); "" if
 // none is close.
 std::string close_names_hint(const std::string& name, const std::vector<std::string>& names);
-
-// "[2, 3]": a shape as error messages print it.
-std::string shape_str(const std::vector<int64_t>& shape);
 
 }  // namespace qlora::io

@@ -1,6 +1,6 @@
 #include "qlora/io/safetensors.h"
 
-#include "name_hints.h"
+#include "io/name_hints.h"
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
@@ -14,6 +14,7 @@
 #include <set>
 
 #include "qlora/io/atomic_file.h"
+#include "util/strings.h"
 
 // The format stores little-endian bytes and we copy them verbatim.
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
@@ -101,10 +102,8 @@ std::string in_quotes(const std::string& s) { return "'" + s + "'"; }
   fail(path, "tensor " + in_quotes(name) + ": " + message);
 }
 
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() &&
-         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
+using util::ends_with;
+using util::shape_str;
 
 // Parses JSON, rejecting duplicate keys in any object (nlohmann would keep
 // the last one silently, so a file could show different tensors to

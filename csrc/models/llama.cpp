@@ -2,8 +2,8 @@
 
 #include "qlora/nn/linear_cross_entropy.h"
 #include "qlora/nn/recompute_tape.h"
+#include "util/rng_state.h"
 
-#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Context.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/arange.h>
@@ -101,35 +101,7 @@ at::Tensor segment_positions(const at::Tensor& segment_ids) {
 
 // ---- Gradient checkpointing ------------------------------------------------
 
-// The default generators of the CPU and, for tensors elsewhere, of their
-// device: a recomputation must draw the same dropout masks.
-struct RngState {
-  at::Tensor cpu, device_state;
-  c10::Device device{at::kCPU};
-
-  static RngState capture(const c10::Device& device) {
-    RngState s;
-    s.device = device;
-    s.cpu = get(at::detail::getDefaultCPUGenerator());
-    if (device.type() != at::kCPU)
-      s.device_state = get(at::globalContext().defaultGenerator(device));
-    return s;
-  }
-  void restore() const {
-    set(at::detail::getDefaultCPUGenerator(), cpu);
-    if (device_state.defined()) set(at::globalContext().defaultGenerator(device), device_state);
-  }
-
- private:
-  static at::Tensor get(at::Generator gen) {
-    std::lock_guard<std::mutex> lock(gen.mutex());
-    return gen.get_state();
-  }
-  static void set(at::Generator gen, const at::Tensor& state) {
-    std::lock_guard<std::mutex> lock(gen.mutex());
-    gen.set_state(state);
-  }
-};
+using util::RngState;
 
 // What backward needs to run a decoder layer again.
 struct CheckpointCall : torch::CustomClassHolder {

@@ -14,6 +14,7 @@
 #include <sstream>
 
 #include "qlora/io/gguf.h"
+#include "util/fs.h"
 
 namespace qlora::models {
 
@@ -272,11 +273,13 @@ LlamaConfig LlamaConfig::from_json(const std::string& json_text, const std::stri
 }
 
 LlamaConfig LlamaConfig::from_json_file(const std::string& path) {
-  std::ifstream in(path);
-  TORCH_CHECK(in, "LlamaConfig: cannot open ", path);
-  std::stringstream text;
-  text << in.rdbuf();
-  return from_json(text.str(), path);
+  std::string text;
+  try {
+    text = fs::read_file(path);
+  } catch (const std::system_error& e) {
+    TORCH_CHECK(false, "LlamaConfig: cannot open ", path, ": ", e.code().message());
+  }
+  return from_json(text, path);
 }
 
 LlamaConfig LlamaConfig::from_gguf(const io::GgufReader& r) {

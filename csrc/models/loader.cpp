@@ -15,37 +15,24 @@
 #include "qlora/nn/lora_linear.h"
 #include "qlora/nn/qlora_linear.h"
 #include "qlora/quant_state.h"
+#include "util/fs.h"
+#include "util/json_file.h"
+#include "util/strings.h"
 
 namespace qlora::models {
 
 namespace {
 
-// POSIX, not std::filesystem: the torch wheel exports broken copies of its symbols.
-bool is_dir(const std::string& p) {
-  struct stat st;
-  return ::stat(p.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
-}
-bool is_file(const std::string& p) {
-  struct stat st;
-  return ::stat(p.c_str(), &st) == 0 && S_ISREG(st.st_mode);
-}
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() &&
-         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-bool starts_with(const std::string& s, const std::string& prefix) {
-  return s.compare(0, prefix.size(), prefix) == 0;
-}
+using fs::is_dir;
+using fs::is_file;
+using util::ends_with;
+using util::starts_with;
 
 nlohmann::json read_json(const std::string& path) {
-  std::ifstream in(path);
-  TORCH_CHECK(in, "load_llama: cannot open ", path);
-  std::stringstream text;
-  text << in.rdbuf();
   try {
-    return nlohmann::json::parse(text.str());
-  } catch (const nlohmann::json::parse_error& e) {
-    TORCH_CHECK(false, "load_llama: ", path, ": invalid JSON: ", e.what());
+    return util::read_json_file(path, "load_llama:");
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, e.what());
   }
 }
 

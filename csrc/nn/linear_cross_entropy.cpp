@@ -6,7 +6,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/autograd.h>
 
-#include "../cpu/onednn_linear.h"
+#include "ops/dense_linear.h"
 
 namespace qlora::nn {
 namespace {

@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <regex>
 
+#include "nn/lora_config_json.h"
+
 namespace qlora::nn {
 
 namespace {
@@ -37,6 +39,18 @@ bool LoRAConfig::matches(const std::string& name) const {
   return std::any_of(target_modules.begin(), target_modules.end(), [&](const std::string& t) {
     return t == "all-linear" ? !name_matches(name, "lm_head") : name_matches(name, t);
   });
+}
+
+std::string LoRAConfig::to_json() const { return detail::lora_config_to_json(*this).dump(); }
+
+LoRAConfig LoRAConfig::from_json(const std::string& text, const std::string& source) {
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(text);
+  } catch (const nlohmann::json::parse_error& e) {
+    TORCH_CHECK(false, source, " is not valid JSON: ", e.what());
+  }
+  return detail::lora_config_from_json(j, source);
 }
 
 }  // namespace qlora::nn

@@ -4,15 +4,15 @@
 
 #include <cerrno>
 #include <cstring>
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
-#include <sstream>
 
 #include "qlora/io/atomic_file.h"
 #include "qlora/io/safetensors.h"
 #include "qlora/nn/apply_lora.h"
 #include "qlora/nn/lora_layer.h"
+#include "nn/lora_config_json.h"
+#include "util/json_file.h"
 
 namespace qlora::nn {
 
@@ -43,25 +43,10 @@ std::map<std::string, at::Tensor> adapter_tensors(torch::nn::Module& model) {
 }
 
 nlohmann::json config_json(const LoRAConfig& c, const AdapterMetadata& meta) {
-  nlohmann::json j;
+  nlohmann::json j = detail::lora_config_to_json(c);
   j["peft_type"] = "LORA";
   j["task_type"] = meta.task_type;
   j["base_model_name_or_path"] = meta.base_model_name_or_path;
-  j["r"] = c.r;
-  j["lora_alpha"] = c.alpha;
-  j["lora_dropout"] = c.dropout;
-  // PEFT only understands "all-linear" as the whole string, not in a list.
-  if (!c.target_regex.empty())
-    j["target_modules"] = c.target_regex;
-  else if (c.target_modules == std::vector<std::string>{"all-linear"})
-    j["target_modules"] = "all-linear";
-  else
-    j["target_modules"] = c.target_modules;
-  j["exclude_modules"] =
-      c.exclude_modules.empty() ? nlohmann::json() : nlohmann::json(c.exclude_modules);
-  j["use_rslora"] = c.use_rslora;
-  j["use_dora"] = c.use_dora;
-  j["bias"] = c.bias;
   j["fan_in_fan_out"] = false;
   j["inference_mode"] = true;
   j["init_lora_weights"] = true;
@@ -73,11 +58,10 @@ nlohmann::json config_json(const LoRAConfig& c, const AdapterMetadata& meta) {
 
 template <typename T>
 T field(const nlohmann::json& j, const std::string& file, const char* key, T fallback) {
-  if (!j.contains(key) || j.at(key).is_null()) return fallback;
   try {
-    return j.at(key).get<T>();
-  } catch (const std::exception& e) {
-    TORCH_CHECK(false, file, ": key \"", key, "\" has the wrong type (", e.what(), ")");
+    return util::json_field<T>(j, file, key, std::move(fallback));
+  } catch (const std::runtime_error& e) {
+    TORCH_CHECK(false, e.what());
   }
 }
 
@@ -103,42 +87,23 @@ void save_peft_adapter(const std::string& dir, torch::nn::Module& model, const L
 
 LoRAConfig read_peft_adapter_config(const std::string& dir, AdapterMetadata* meta) {
   const std::string file = dir + kConfigFile;
-  std::ifstream in(file);
-  TORCH_CHECK(in, "cannot open \"", file, "\": ", std::strerror(errno));
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(in);
+    j = util::read_json_file(file, "adapter config");
   } catch (const std::exception& e) {
-    TORCH_CHECK(false, file, " is not valid JSON: ", e.what());
+    TORCH_CHECK(false, e.what());
   }
   TORCH_CHECK(j.is_object(), file, " must hold a JSON object");
   const auto peft_type = field<std::string>(j, file, "peft_type", "LORA");
   TORCH_CHECK(peft_type == "LORA", file, ": peft_type is \"", peft_type,
               "\", only LORA is supported");
-  LoRAConfig c;
-  c.r = field<int64_t>(j, file, "r", 8);
-  c.alpha = field<double>(j, file, "lora_alpha", 8.0);
-  c.dropout = field<double>(j, file, "lora_dropout", 0.0);
-  if (j.contains("target_modules") && j["target_modules"].is_string()) {
-    const std::string t = j["target_modules"].get<std::string>();
-    if (t == "all-linear")
-      c.target_modules = {t};
-    else
-      c.target_regex = t;  // PEFT: a string is a regex over the full module name
-  } else
-    c.target_modules = field<std::vector<std::string>>(j, file, "target_modules", {});
-  c.exclude_modules = field<std::vector<std::string>>(j, file, "exclude_modules", {});
-  c.use_rslora = field<bool>(j, file, "use_rslora", false);
-  c.use_dora = field<bool>(j, file, "use_dora", false);
-  c.bias = field<std::string>(j, file, "bias", "none");
   TORCH_CHECK(!field<bool>(j, file, "fan_in_fan_out", false), file,
               ": fan_in_fan_out adapters (GPT-2 Conv1D) are not supported");
   if (meta) {
     meta->base_model_name_or_path = field<std::string>(j, file, "base_model_name_or_path", "");
     meta->task_type = field<std::string>(j, file, "task_type", "CAUSAL_LM");
   }
-  c.validate();
-  return c;
+  return detail::lora_config_from_json(j, file);
 }
 
 void load_peft_adapter(const std::string& dir, torch::nn::Module& model) {

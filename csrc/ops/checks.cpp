@@ -184,4 +184,11 @@ void fail_non_finite(std::string_view op, int64_t block, int64_t blocksize) {
               "); blockwise quantization needs finite values");
 }
 
+void check_hash_dropout(const at::Tensor& input, double p) {
+  TORCH_CHECK(p >= 0 && p < 1, "qlora::hash_dropout: p must be in [0, 1), got ", p);
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
+              "qlora::hash_dropout: input must be a floating-point tensor, got ",
+              input.scalar_type());
+}
+
 }  // namespace qlora::detail

@@ -45,6 +45,8 @@ void check_matmul_4bit(const at::Tensor& x, const at::Tensor& B, const at::Tenso
                        int64_t blocksize, std::string_view quant_type, c10::SymIntArrayRef shapeB,
                        const std::optional<at::Tensor>& bias);
 
+void check_hash_dropout(const at::Tensor& input, double p);
+
 // Error raised by the CPU/CUDA quantizers when a block holds inf or NaN.
 [[noreturn]] void fail_non_finite(std::string_view op, int64_t block, int64_t blocksize);
 

@@ -1,4 +1,4 @@
-#include "code_tables.h"
+#include "ops/code_tables.h"
 
 #include <ATen/ops/from_blob.h>
 
@@ -6,14 +6,21 @@
 #include <mutex>
 #include <utility>
 
-#include "../common/tables.h"
-#include "checks.h"
-#include "qlora/ops.h"
-#include "qlora/quant_state.h"
+#include "common/codebooks.h"
+#include "ops/checks.h"
+#include "qlora/code_tables.h"
 
 namespace qlora {
 
 namespace detail {
+
+namespace {
+const FourBitTables kNF4 = {
+    {QLORA_NF4_VALUES}, {QLORA_NF4_BOUNDS}, {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}};
+const FourBitTables kFP4 = {{QLORA_FP4_VALUES}, {QLORA_FP4_BOUNDS}, {QLORA_FP4_ORDER}};
+}  // namespace
+
+const FourBitTables& host_tables(QuantType type) { return type == QuantType::kNF4 ? kNF4 : kFP4; }
 
 at::Tensor code_table_on(std::string_view quant_type, c10::Device device) {
   const QuantType type = parse_quant_type("code_table", quant_type);
@@ -29,15 +36,6 @@ at::Tensor code_table_on(std::string_view quant_type, c10::Device device) {
     it = cache.emplace(key, t.is_cpu() ? t.clone() : t).first;
   }
   return it->second;
-}
-
-at::Tensor dequantize_weight_as(const at::Tensor& B, const at::Tensor& absmax, int64_t blocksize,
-                                std::string_view quant_type, c10::SymIntArrayRef shapeB,
-                                at::ScalarType dtype) {
-  if (dtype == at::kDouble)
-    return dequantize_4bit_symint(B, absmax, blocksize, quant_type, shapeB, at::kFloat)
-        .to(at::kDouble);
-  return dequantize_4bit_symint(B, absmax, blocksize, quant_type, shapeB, dtype);
 }
 
 }  // namespace detail

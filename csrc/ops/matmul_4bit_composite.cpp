@@ -29,6 +29,15 @@ at::Tensor matmul_4bit_composite(const at::Tensor& x, const at::Tensor& B, const
       x, dequantize_weight_as(B, absmax, blocksize, quant_type, shapeB, x.scalar_type()), bias);
 }
 
+at::Tensor dequantize_weight_as(const at::Tensor& B, const at::Tensor& absmax, int64_t blocksize,
+                                std::string_view quant_type, c10::SymIntArrayRef shapeB,
+                                at::ScalarType dtype) {
+  if (dtype == at::kDouble)
+    return dequantize_4bit_symint(B, absmax, blocksize, quant_type, shapeB, at::kFloat)
+        .to(at::kDouble);
+  return dequantize_4bit_symint(B, absmax, blocksize, quant_type, shapeB, dtype);
+}
+
 }  // namespace detail
 
 }  // namespace qlora

@@ -15,4 +15,10 @@ at::Tensor matmul_4bit_composite(const at::Tensor& x, const at::Tensor& B, const
                                  int64_t blocksize, std::string_view quant_type,
                                  c10::SymIntArrayRef shapeB, const std::optional<at::Tensor>& bias);
 
+// dequant(W) in `dtype`; float64 (for gradcheck) goes through float32, the
+// widest dtype the 4-bit kernels produce, and is exact in float64.
+at::Tensor dequantize_weight_as(const at::Tensor& B, const at::Tensor& absmax, int64_t blocksize,
+                                std::string_view quant_type, c10::SymIntArrayRef shapeB,
+                                at::ScalarType dtype);
+
 }  // namespace qlora::detail

@@ -1,5 +1,6 @@
 #include "qlora/train/config.h"
 
+#include <c10/util/Exception.h>
 #include <yaml-cpp/yaml.h>
 
 #include <functional>
@@ -42,9 +43,12 @@ const std::map<std::string, Field>& fields() {
       QLORA_FIELD("lora.r", lora.r),
       QLORA_FIELD("lora.alpha", lora.alpha),
       QLORA_FIELD("lora.dropout", lora.dropout),
-      QLORA_FIELD("lora.targets", lora.targets),
-      QLORA_FIELD("lora.rslora", lora.rslora),
-      QLORA_FIELD("lora.dora", lora.dora),
+      QLORA_FIELD("lora.target_modules", lora.target_modules),
+      QLORA_FIELD("lora.target_regex", lora.target_regex),
+      QLORA_FIELD("lora.exclude_modules", lora.exclude_modules),
+      QLORA_FIELD("lora.use_rslora", lora.use_rslora),
+      QLORA_FIELD("lora.use_dora", lora.use_dora),
+      QLORA_FIELD("lora.bias", lora.bias),
       QLORA_FIELD("data.train", data.train),
       QLORA_FIELD("data.eval", data.eval),
       QLORA_FIELD("data.format", data.format),
@@ -149,6 +153,11 @@ void validate(const TrainConfig& c, const std::string& source) {
   if (c.training.max_steps <= 0 && c.training.epochs < 1)
     fail(source, "set \"training.epochs\" >= 1 or \"training.max_steps\" > 0");
   if (c.lora.r < 1) fail(source, "\"lora.r\" must be >= 1");
+  try {
+    c.lora.validate();
+  } catch (const c10::Error& e) {
+    fail(source, std::string("\"lora\": ") + e.what_without_backtrace());
+  }
   if (c.data.max_length < 8) fail(source, "\"data.max_length\" must be >= 8");
   if (c.data.eval_split < 0 || c.data.eval_split >= 1)
     fail(source, "\"data.eval_split\" must be in [0, 1)");
@@ -179,6 +188,13 @@ TrainConfig parse(const YAML::Node& root, const std::vector<std::string>& overri
 }
 
 }  // namespace
+
+nn::LoRAConfig TrainConfig::default_lora() {
+  nn::LoRAConfig lora;
+  lora.dropout = 0.05;
+  lora.target_modules = {"all-linear"};
+  return lora;
+}
 
 std::vector<std::string> TrainConfig::valid_keys() {
   std::vector<std::string> keys;

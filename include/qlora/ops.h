@@ -54,4 +54,9 @@ at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
                        int64_t blocksize, std::string_view quant_type, at::IntArrayRef shape,
                        const std::optional<at::Tensor>& bias = std::nullopt);
 
+// Inverted dropout whose mask is a function of (seed, element index): the
+// same seed drops the same elements on every device and in every call, so
+// backward and recomputation need no mask tensor. p in [0, 1).
+at::Tensor hash_dropout(const at::Tensor& input, double p, int64_t seed);
+
 }  // namespace qlora

@@ -12,6 +12,8 @@
 #include <string>
 #include <vector>
 
+#include "qlora/code_tables.h"
+
 namespace qlora {
 
 // Second-level ("double") quantization of the per-block absmax values:
@@ -63,10 +65,6 @@ struct QuantConfig {
 // quantize_4bit with bitsandbytes' compress_statistics semantics.
 std::pair<at::Tensor, QuantState> quantize_4bit(const at::Tensor& A, const QuantConfig& config);
 at::Tensor dequantize_4bit(const at::Tensor& packed, const QuantState& state);
-
-// The 16-entry tables and the 256-entry dynamic maps as float32 tensors.
-at::Tensor code_table_4bit(const std::string& quant_type);
-at::Tensor dynamic_map(bool is_signed);
 
 std::string dtype_name(at::ScalarType dtype);  // "bfloat16", as bitsandbytes writes it
 at::ScalarType dtype_from_name(const std::string& name);

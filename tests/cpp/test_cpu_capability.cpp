@@ -11,7 +11,8 @@
 #include <vector>
 
 #include "../../csrc/cpu/isa_kernels.h"
-#include "../../csrc/cpu/onednn_linear.h"
+#include "cpu/onednn_linear.h"
+#include "ops/dense_linear.h"
 #include "qlora/cpu_capability.h"
 #include "qlora/nn/hash_dropout.h"
 #include "qlora/nn/linear_cross_entropy.h"

@@ -37,6 +37,20 @@ TEST_F(CudaOps, QuantizeAndDequantize4bitMatchCpuBitForBit) {
   }
 }
 
+TEST_F(CudaOps, HashDropoutDropsTheSameElementsAsTheCpu) {
+  torch::manual_seed(0);
+  const at::Tensor x = torch::randn({3, 100003});
+  const at::Tensor yc = qlora::hash_dropout(x, 0.3, 12345);
+  ASSERT_TRUE(at::equal(qlora::hash_dropout(x.cuda(), 0.3, 12345).cpu(), yc));
+  for (auto dtype : {at::kHalf, at::kBFloat16}) {
+    const at::Tensor yg = qlora::hash_dropout(x.to(dtype).cuda(), 0.3, 12345).cpu();
+    EXPECT_TRUE(at::equal(yg == 0, yc == 0)) << dtype;
+  }
+  const at::Tensor xg = x.cuda().requires_grad_();
+  qlora::hash_dropout(xg, 0.3, 12345).sum().backward();
+  EXPECT_TRUE(at::equal(xg.grad().cpu() == 0, yc == 0));
+}
+
 TEST_F(CudaOps, Blockwise8MatchesCpu) {
   torch::manual_seed(1);
   const at::Tensor code = qlora::dynamic_map(true);

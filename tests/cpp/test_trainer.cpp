@@ -5,13 +5,16 @@
 
 #include "qlora/train/config.h"
 #include "qlora/train/lr_schedule.h"
-#include "qlora/train/trainer.h"
+#include "reference_loss.h"
 #include "test_utils.h"
+#include "train/label_tokens.h"
 
 namespace {
 
 using namespace qlora::train;
 using qlora::test::expect_error;
+using qlora::test::summed_causal_lm_loss;
+using qlora::train::detail::count_label_tokens;
 
 TEST(TrainerLoss, AccumulatedMicroBatchesEqualOneBigBatch) {
   torch::manual_seed(0);
@@ -78,9 +81,9 @@ const char* kMinimal = "model: {path: m.gguf}\ndata: {train: t.jsonl}\n";
 
 TEST(TrainConfig, DefaultsOverridesAndRoundTrip) {
   const auto c = TrainConfig::from_yaml_string(
-      kMinimal, {"training.lr=1e-4", "lora.targets=[q_proj, v_proj]", "model.quantize=false"});
+      kMinimal, {"training.lr=1e-4", "lora.target_modules=[q_proj, v_proj]", "model.quantize=false"});
   EXPECT_DOUBLE_EQ(c.training.lr, 1e-4);
-  EXPECT_EQ(c.lora.targets, (std::vector<std::string>{"q_proj", "v_proj"}));
+  EXPECT_EQ(c.lora.target_modules, (std::vector<std::string>{"q_proj", "v_proj"}));
   EXPECT_FALSE(c.model.quantize);
   EXPECT_EQ(c.training.optimizer, "paged_adamw_8bit");
   const auto again = TrainConfig::from_yaml_string(c.to_yaml());

@@ -50,6 +50,7 @@ def sample_calls():
             bias = torch.randn(48).to(dtype).requires_grad_()
             yield qlora.matmul_4bit.default, (xr, p, am, 64, "nf4", shape, bias)
             yield qlora.matmul_4bit.default, (xr, p, am, 64, "nf4", shape, None)
+        yield qlora.hash_dropout.default, (xd.clone().requires_grad_(), 0.25, 1234)
 
 
 @pytest.mark.parametrize("call", list(sample_calls()), ids=lambda c: str(c[0]))
@@ -62,7 +63,8 @@ def test_opcheck_covers_every_op():
     ops = {str(op) for op, _ in sample_calls()}
     assert ops == {f"qlora.{name}" for name in [
         "quantize_4bit.default", "dequantize_4bit.default", "dequantize_4bit.out", "quantize_blockwise.default",
-        "dequantize_blockwise.default", "gemv_4bit.default", "matmul_4bit.default"]}
+        "dequantize_blockwise.default", "gemv_4bit.default", "matmul_4bit.default",
+        "hash_dropout.default"]}
 
 
 class QLinear(torch.nn.Module):
@@ -118,6 +120,29 @@ def test_gradcheck_wrt_input_and_bias():
     assert torch.autograd.gradcheck(lambda x, b: qlora.matmul_4bit(x, p, a, 64, "nf4", shape, b), (x, bias))
     assert torch.autograd.gradgradcheck(lambda x, b: qlora.matmul_4bit(x, p, a, 64, "nf4", shape, b),
                                         (x, bias))
+
+
+def test_hash_dropout_gradcheck_and_mask_shared_by_dtypes():
+    x = torch.randn(5, 37, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: qlora.hash_dropout(x, 0.3, 77), (x,))
+    assert torch.autograd.gradgradcheck(lambda x: qlora.hash_dropout(x, 0.3, 77), (x,))
+    y = qlora.hash_dropout(x.detach(), 0.3, 77)
+    dropped = y == 0
+    assert 0.2 < dropped.double().mean() < 0.4
+    torch.testing.assert_close(y[~dropped], x.detach()[~dropped] / 0.7)
+    for dtype in [torch.float32, torch.bfloat16, torch.float16]:
+        assert torch.equal(qlora.hash_dropout(x.detach().to(dtype), 0.3, 77) == 0, dropped), dtype
+    assert not torch.equal(qlora.hash_dropout(x.detach(), 0.3, 78) == 0, dropped)
+
+
+def test_hash_dropout_under_torch_compile():
+    x = torch.randn(4, 64, requires_grad=True)
+    f = lambda x: torch.relu(qlora.hash_dropout(x, 0.5, 9)).sum()  # noqa: E731
+    f(x).backward()
+    g = x.grad.clone()
+    x.grad = None
+    torch.compile(f, fullgraph=True)(x).backward()
+    torch.testing.assert_close(x.grad, g)
 
 
 def test_weight_gets_no_gradient():

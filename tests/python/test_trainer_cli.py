@@ -54,7 +54,7 @@ def tiny(tmp_path_factory):
 def write_config(path, tiny, out, **overrides):
     cfg = {
         "model": {"path": str(tiny["model"]), "quantize": True, "blocksize": 32},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "targets": ["all-linear"]},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["all-linear"]},
         "data": {"train": str(tiny["data"]), "eval_split": 0.2, "max_length": 64},
         "training": {"max_steps": 8, "micro_batch_size": 4, "gradient_accumulation_steps": 2,
                      "lr": 5e-3, "warmup_steps": 2, "optimizer": "paged_adamw_8bit",
@@ -128,7 +128,7 @@ def test_losses_match_transformers_peft_adamw(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
     common = dict(model={"path": str(tiny["model"]), "quantize": False},
-                  lora={"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["all-linear"]},
+                  lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["all-linear"]},
                   data={"train": str(tiny["data"]), "max_length": 512})
     n = len(tiny["records"])
     train = {"micro_batch_size": n, "gradient_accumulation_steps": 1, "optimizer": "adamw",
@@ -229,7 +229,7 @@ def test_export_hf_merged_and_peft_match_peft_on_the_4bit_base(tiny, tmp_path):
 
     out = tmp_path / "run"
     run(write_config(tmp_path / "c.yaml", tiny, out, training={"max_steps": 3, "lr": 1e-2, "threads": 1},
-                     lora={"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["all-linear"]}))
+                     lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["all-linear"]}))
     common = ["--model", str(tiny["model"]), "--adapter", str(out / "adapter"), "--set", "model.blocksize=32"]
     for fmt, dest in [("hf", tmp_path / "hf"), ("peft", tmp_path / "peft")]:
         res = subprocess.run([str(QLORA), "export", *common, "--format", fmt, "--out", str(dest),

@@ -15,15 +15,15 @@
 #include <iostream>
 
 #include "inspect.h"
-#include "qlora/io/qnat.h"
-#include "qlora/export/gguf_model.h"
-#include "qlora/models/loader.h"
+#include "qlora/export/export.h"
 #include "qlora/export/hf_folder.h"
-#include "qlora/nn/peft_adapter.h"
+#include "qlora/models/loader.h"
+#include "qlora/train/model_context.h"
 #include "qlora/train/trainer.h"
 
 namespace {
 
+using qlora::train::ModelContext;
 using qlora::train::TrainConfig;
 using qlora::train::Trainer;
 
@@ -53,25 +53,9 @@ int train(const std::string& config_path, const std::vector<std::string>& sets) 
   return 0;
 }
 
-// "lora.*" overrides that rebuild the LoRA layers an adapter was saved from.
-std::vector<std::string> adapter_sets(const std::string& adapter) {
-  if (adapter.empty()) return {};
-  const auto c = qlora::nn::read_peft_adapter_config(adapter);
-  std::string targets = "[";
-  for (size_t i = 0; i < c.target_modules.size(); ++i)
-    targets += (i ? ", " : "") + c.target_modules[i];
-  return {"lora.r=" + std::to_string(c.r), "lora.alpha=" + std::to_string(c.alpha),
-          "lora.targets=" + targets + "]",
-          std::string("lora.rslora=") + (c.use_rslora ? "true" : "false"),
-          std::string("lora.dora=") + (c.use_dora ? "true" : "false")};
-}
-
 // A config for commands that only need a model: from a file, or from --model.
 TrainConfig model_config(const std::string& config_path, const std::string& model_path,
-                         const std::string& template_name, std::vector<std::string> sets,
-                         const std::string& adapter) {
-  const auto from_adapter = adapter_sets(adapter);
-  sets.insert(sets.begin(), from_adapter.begin(), from_adapter.end());
+                         const std::string& template_name, std::vector<std::string> sets) {
   if (!config_path.empty()) return TrainConfig::from_yaml_file(config_path, sets);
   if (model_path.empty()) throw std::invalid_argument("give a CONFIG file or --model PATH");
   sets.insert(sets.begin(),
@@ -79,11 +63,14 @@ TrainConfig model_config(const std::string& config_path, const std::string& mode
   return TrainConfig::from_yaml_string("{}", sets, "--model");
 }
 
-int evaluate(const std::string& config_path, const std::vector<std::string>& sets,
-             const std::string& adapter) {
-  Trainer trainer(model_config(config_path, "", "", sets, adapter));
-  if (!adapter.empty()) trainer.load_adapter(adapter);
-  const double loss = trainer.evaluate();
+std::optional<std::string> optional_path(const std::string& path) {
+  return path.empty() ? std::nullopt : std::optional<std::string>(path);
+}
+
+int evaluate(const TrainConfig& config, const std::string& adapter) {
+  ModelContext ctx = ModelContext::load(config, optional_path(adapter));
+  const auto splits = qlora::train::load_data_splits(config, *ctx.tokenizer, /*need_train=*/false);
+  const double loss = ctx.evaluate(splits.eval, config.training.micro_batch_size);
   std::cout << std::fixed << std::setprecision(4) << "eval loss " << loss << "  perplexity "
             << std::exp(loss) << "\n";
   return 0;
@@ -91,9 +78,8 @@ int evaluate(const std::string& config_path, const std::vector<std::string>& set
 
 int generate(const TrainConfig& config, const std::string& adapter,
              const std::vector<std::string>& prompts, int64_t max_new) {
-  Trainer trainer(config);
-  if (!adapter.empty()) trainer.load_adapter(adapter);
-  for (const auto& [prompt, text] : trainer.generate(prompts, max_new))
+  ModelContext ctx = ModelContext::load(config, optional_path(adapter));
+  for (const auto& [prompt, text] : ctx.generate(prompts, max_new))
     std::cout << "> " << prompt << "\n" << text << "\n";
   return 0;
 }
@@ -114,35 +100,13 @@ int quantize(const std::string& model_path, const std::string& out, const std::s
   return 0;
 }
 
-at::ScalarType dtype_of_outtype(const std::string& t) {
-  if (t == "f16") return at::kHalf;
-  if (t == "bf16") return at::kBFloat16;
-  if (t == "f32") return at::kFloat;
-  throw std::invalid_argument("--outtype " + t + " is not f32, f16 or bf16 for this format");
-}
-
 int export_model(const TrainConfig& config, const std::string& adapter, const std::string& format,
                  const std::string& out, const std::string& outtype) {
-  Trainer trainer(config);
-  if (!adapter.empty()) trainer.load_adapter(adapter);
-  auto& model = trainer.model();
-  if (format == "peft") {
-    qlora::nn::save_peft_adapter(out, *model, trainer.lora_config(), {config.model.path});
-  } else if (format == "hf") {
-    qlora::models::save_hf_merged_folder(model, out, dtype_of_outtype(outtype), config.model.path);
-  } else if (format == "gguf") {
-    qlora::models::export_gguf_merged(
-        model, config.model.tokenizer.empty() ? config.model.path : config.model.tokenizer, out,
-        outtype);
-  } else if (format == "gguf-adapter") {
-    qlora::models::export_gguf_adapter(model, out);
-  } else if (format == "qnat") {
-    qlora::io::QnatMetadata meta;
-    meta.tokenizer_source =
-        config.model.tokenizer.empty() ? config.model.path : config.model.tokenizer;
-    meta.lora = trainer.lora_config();
-    qlora::io::save_qnat(out, *model, meta);
-  }
+  ModelContext ctx = ModelContext::load(config, optional_path(adapter));
+  const auto parsed = qlora::exporters::parse_format(format);
+  if (!parsed) throw std::invalid_argument("unknown export format \"" + format + "\"");
+  qlora::exporters::export_model({ctx.model, ctx.lora, ctx.model_path, ctx.tokenizer_source},
+                                 {*parsed, out, outtype});
   std::cout << "wrote " << out << " (" << format << ")\n";
   return 0;
 }
@@ -201,7 +165,7 @@ int main(int argc, char** argv) {
   export_cmd->add_option("--adapter", adapter, "PEFT adapter folder of the fine-tune");
   export_cmd->add_option("--format", format, "peft | hf | gguf | gguf-adapter | qnat")
       ->required()
-      ->check(CLI::IsMember({"peft", "hf", "gguf", "gguf-adapter", "qnat"}));
+      ->check(CLI::IsMember(qlora::exporters::format_names()));
   export_cmd->add_option("--out", out_dir, "output folder or file")->required();
   export_cmd->add_option("--outtype", outtype, "hf: f32 | f16 | bf16; gguf: also q8_0 | q4_0");
   export_cmd->add_option("--set", sets, "override a config key");
@@ -212,13 +176,13 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   try {
     if (*train_cmd) return train(config, sets);
-    if (*eval_cmd) return evaluate(config, sets, adapter);
+    if (*eval_cmd) return evaluate(model_config(config, "", "", sets), adapter);
     if (*gen_cmd)
-      return generate(model_config(config, gen_model, gen_template, sets, adapter), adapter,
-                      prompts, max_new_tokens);
+      return generate(model_config(config, gen_model, gen_template, sets), adapter, prompts,
+                      max_new_tokens);
     if (*inspect_cmd) return qlora::cli::inspect(file, std::cout);
     if (*export_cmd)
-      return export_model(model_config(config, gen_model, "alpaca", sets, adapter), adapter, format,
+      return export_model(model_config(config, gen_model, "alpaca", sets), adapter, format,
                           out_dir, outtype);
     if (*quant_cmd) return quantize(model_path, out_dir, quant_type, blocksize, double_quant);
   } catch (const c10::Error& e) {

@@ -10,8 +10,8 @@ namespace qlora::nn {
 // probability 1 - p are scaled by 1 / (1 - p). Differentiable in x. One
 // 64-bit seed per call is drawn from the default CPU generator, so a
 // recomputation under a restored generator state (gradient checkpointing,
-// resume) draws the same mask. Contiguous CPU float32 tensors take the
-// parallel counter-based kernel; others go to at::dropout.
+// resume) draws the same mask. Runs the qlora::hash_dropout op (CPU, CUDA,
+// Meta, autograd) with that seed.
 at::Tensor hash_dropout(const at::Tensor& x, double p);
 
 }  // namespace qlora::nn

@@ -35,6 +35,11 @@ struct LoRAConfig {
   void validate() const;
   // Whether the module at dotted path `name` is a target (not checking type).
   bool matches(const std::string& name) const;
+  // The JSON of PEFT's adapter_config.json keys (r, lora_alpha, ...), the
+  // one form every file we write uses; from_json validates and names
+  // `source` in its errors.
+  std::string to_json() const;
+  static LoRAConfig from_json(const std::string& text, const std::string& source = "LoRA config");
 };
 
 // How QLoRALinear stores its frozen base weight.

@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "qlora/nn/lora_config.h"
+
 namespace qlora::train {
 
 struct TrainConfig {
@@ -21,14 +23,10 @@ struct TrainConfig {
     bool double_quant = true;
     std::string compute_dtype = "float32";  // float32 | bfloat16 | float16
   } model;
-  struct Lora {
-    int64_t r = 8;
-    double alpha = 16;
-    double dropout = 0.05;
-    std::vector<std::string> targets = {"all-linear"};
-    bool rslora = false;
-    bool dora = false;
-  } lora;
+  // The LoRA layers, as keys "lora.<field>" of nn::LoRAConfig (r, alpha,
+  // dropout, target_modules, target_regex, exclude_modules, use_rslora,
+  // use_dora, bias); training defaults: dropout 0.05, every linear layer.
+  nn::LoRAConfig lora = default_lora();
   struct Data {
     std::string train;
     std::string eval;  // optional; else eval_split of train
@@ -82,6 +80,7 @@ struct TrainConfig {
                                       const std::string& source = "<string>");
   std::string to_yaml() const;
   static std::vector<std::string> valid_keys();
+  static nn::LoRAConfig default_lora();
 };
 
 }  // namespace qlora::train

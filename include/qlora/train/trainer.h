@@ -1,7 +1,8 @@
-// The QLoRA trainer: loads the model (4-bit base + LoRA), tokenizer and
-// data named by a TrainConfig, trains with gradient accumulation normalised
-// by label tokens, clipping, an LR schedule and PagedAdamW, evaluates, and
-// writes atomic checkpoints from which `resume: auto` continues exactly.
+// The QLoRA trainer: on a ModelContext (4-bit base + LoRA, tokenizer,
+// template) it loads the data a TrainConfig names, trains with gradient
+// accumulation normalised by label tokens, clipping, an LR schedule and
+// PagedAdamW, evaluates, and writes atomic checkpoints from which
+// `resume: auto` continues exactly (train/checkpoint.h).
 #pragma once
 
 #include <memory>
@@ -9,11 +10,8 @@
 #include <utility>
 #include <vector>
 
-#include <ATen/core/Tensor.h>
-
-#include "qlora/models/llama.h"
-#include "qlora/nn/lora_config.h"
 #include "qlora/train/config.h"
+#include "qlora/train/model_context.h"
 
 namespace qlora::train {
 
@@ -36,30 +34,18 @@ class Trainer {
   // Sets everything up, evaluates, trains, evaluates again and saves the
   // final adapter; also writes summary.json into output_dir.
   TrainSummary run();
-  // Loads model, tokenizer, data and optimizer (run() calls it).
+  // Loads model, tokenizer, data and optimizer and creates output_dir
+  // (run() calls it).
   void prepare();
-  // Replaces the LoRA weights with a saved PEFT adapter.
-  void load_adapter(const std::string& dir);
-  // The loaded model (loads it first) and the LoRA config it was built with.
-  models::LlamaForCausalLM& model();
-  const nn::LoRAConfig& lora_config() const;
+  // The model, tokenizer and template (loaded on first use).
+  ModelContext& context();
   const TrainConfig& config() const;
-  // Mean label-token cross-entropy on the eval split.
+  // Mean label-token cross-entropy on the eval split (prepares first).
   double evaluate();
-  // Greedy completions of instructions rendered with the data template.
-  std::vector<std::pair<std::string, std::string>> generate(const std::vector<std::string>& prompts,
-                                                            int64_t max_new_tokens);
 
  private:
   struct State;
   std::unique_ptr<State> s_;
 };
-
-// Token-level cross-entropy summed over the label tokens of `labels`
-// (unshifted, -100 ignored), as Hugging Face's causal LM loss before its
-// division: dividing by the label tokens of a whole accumulation window
-// makes N micro-batches equal one big batch.
-at::Tensor summed_causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels);
-int64_t count_label_tokens(const at::Tensor& labels);
 
 }  // namespace qlora::train
