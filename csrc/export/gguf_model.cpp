@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include "qlora/io/gguf.h"
+#include "qlora/models/gguf_qk_permutation.h"
 #include "qlora/io/gguf_writer.h"
 #include "qlora/nn/apply_lora.h"
 #include "qlora/nn/lora_layer.h"
@@ -386,9 +387,9 @@ void export_gguf_merged(LlamaForCausalLM& model, const std::string& tokenizer_so
     const at::Tensor t = hf_weight(model, hf);
     at::Tensor data = t;
     if (ends_with(hf, "q_proj.weight")) {
-      data = io::apply_llama_qk_permutation(t, c.num_attention_heads);
+      data = models::apply_llama_qk_permutation(t, c.num_attention_heads);
     } else if (ends_with(hf, "k_proj.weight")) {
-      data = io::apply_llama_qk_permutation(t, c.num_key_value_heads);
+      data = models::apply_llama_qk_permutation(t, c.num_key_value_heads);
     }
     w.add_tensor(name, data, data.dim() == 1 ? GgmlType::F32 : matrix_type);
   }
@@ -426,9 +427,9 @@ void export_gguf_adapter(LlamaForCausalLM& model, const std::string& out_path) {
     const double ratio = layer->scaling() / (static_cast<double>(alpha_f) / static_cast<double>(r));
     if (std::abs(ratio - 1.0) > 1e-6) b = b * ratio;
     if (ends_with(path, "self_attn.q_proj")) {
-      b = io::apply_llama_qk_permutation(b, c.num_attention_heads);
+      b = models::apply_llama_qk_permutation(b, c.num_attention_heads);
     } else if (ends_with(path, "self_attn.k_proj")) {
-      b = io::apply_llama_qk_permutation(b, c.num_key_value_heads);
+      b = models::apply_llama_qk_permutation(b, c.num_key_value_heads);
     }
     w.add_tensor(base + ".lora_a", a, GgmlType::F32);  // ne [in, r]
     w.add_tensor(base + ".lora_b", b, GgmlType::F32);  // ne [r, out]

@@ -11,6 +11,7 @@
 #include <sstream>
 
 #include "qlora/io/gguf.h"
+#include "qlora/models/gguf_qk_permutation.h"
 #include "qlora/io/safetensors.h"
 #include "qlora/nn/lora_linear.h"
 #include "qlora/nn/qlora_linear.h"
@@ -142,9 +143,9 @@ TensorStore gguf_store(const io::GgufReader& reader, const LlamaConfig& config) 
     const at::Tensor t = reader.dequantize(hf_to_gguf->at(n), at::kFloat);
     // llama.cpp's converter interleaves the rotary halves of q/k rows.
     if (n.find(".self_attn.q_proj.") != std::string::npos)
-      return io::reverse_llama_qk_permutation(t, n_head);
+      return models::reverse_llama_qk_permutation(t, n_head);
     if (n.find(".self_attn.k_proj.") != std::string::npos)
-      return io::reverse_llama_qk_permutation(t, n_kv);
+      return models::reverse_llama_qk_permutation(t, n_kv);
     return t;
   };
   s.file_of = [path = reader.path(), hf_to_gguf](const std::string& n) {

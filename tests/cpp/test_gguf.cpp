@@ -19,11 +19,14 @@
 #include <vector>
 
 #include "qlora/io/gguf.h"
+#include "qlora/models/gguf_qk_permutation.h"
 #include "test_utils.h"
 
 namespace qlora::io {
 namespace {
 
+using models::apply_llama_qk_permutation;
+using models::reverse_llama_qk_permutation;
 using qlora::test::expect_error;
 
 // ------------------------------------------------------------ tiny writer

@@ -3,7 +3,7 @@
 // load identical data or fail with a clear error, never crash. The
 // corruption tests only need libqlora and gtest, so this file also builds
 // standalone under AddressSanitizer (see the report / CMake notes).
-#include "qlora/io/qnat.h"
+#include "qlora/models/qnat.h"
 
 #include <gtest/gtest.h>
 #include <torch/torch.h>
@@ -29,6 +29,10 @@ namespace {
 
 using models::LlamaConfig;
 using models::LlamaForCausalLM;
+using models::load_qnat;
+using models::QnatLoadOptions;
+using models::QnatMetadata;
+using models::save_qnat;
 using qlora::test::expect_error;
 
 LlamaConfig tiny_config() { return qlora::test::tiny_llama_config(); }

@@ -6,7 +6,7 @@
 #include <stdexcept>
 
 #include "qlora/io/gguf.h"
-#include "qlora/io/qnat.h"
+#include "qlora/io/qnat_file.h"
 #include "qlora/io/safetensors.h"
 
 namespace qlora::cli {

@@ -5,7 +5,7 @@
 // Merged weights are LoRALayerImpl::merged_weight(): the adapter folded into
 // the weight it was trained against (for QLoRA, dequant(W), never the
 // original weight). Q/K rows are permuted as llama.cpp's convert script does
-// (io::apply_llama_qk_permutation). Norms and other 1-D tensors are F32;
+// (models::apply_llama_qk_permutation). Norms and other 1-D tensors are F32;
 // matrices (token_embd included) take the requested type.
 #pragma once
 

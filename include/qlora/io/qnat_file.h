@@ -1,12 +1,8 @@
-// QNAT: qlora-cpp's native, lossless, mmap-friendly container for a
-// quantised LlamaForCausalLM (4-bit bases exactly as stored, with their
-// quantisation state) and, optionally, its LoRA adapter. The byte layout is
+// QNAT, the container: a header, a JSON metadata block, a table of named
+// tensors (dense dtypes and packed NF4/FP4) with XXH64 checksums, and 64-byte
+// aligned data. It knows no models: what the metadata says about a model, and
+// which tensors make one, is models/qnat.h's business. The byte layout is
 // specified in docs/QNAT.md.
-//
-// save_qnat writes what the model holds, bit for bit (packed NF4/FP4 bytes,
-// uint8 absmax and nested state when double-quantised, quant maps, dense
-// parameters, LoRA A/B/magnitude); load_qnat rebuilds the same model without
-// re-quantising anything.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -20,14 +16,11 @@
 #include <string>
 #include <vector>
 
-#include "qlora/models/llama.h"
-#include "qlora/nn/lora_config.h"
-
 namespace qlora::io {
 
 class MappedFile;
 
-// A malformed, truncated or corrupted QNAT file, or a model it cannot hold.
+// A malformed, truncated or corrupted QNAT file, or data it cannot hold.
 // Messages name the file and, where one is involved, the tensor.
 class QnatError : public std::runtime_error {
  public:
@@ -40,35 +33,6 @@ constexpr uint64_t kQnatAlignment = 64;
 
 // XXH64 (seed 0) of `n` bytes: the checksum of every tensor and of the header.
 uint64_t qnat_checksum(const void* data, size_t n);
-
-// What save_qnat records besides the model itself.
-struct QnatMetadata {
-  // Where the tokenizer comes from (a tokenizer.json / .model / .gguf path or
-  // a Hugging Face folder) and, optionally, its kind ("hf-json",
-  // "sentencepiece", "gguf"): informative, stored as given.
-  std::string tokenizer_source;
-  std::string tokenizer_kind;
-  // The adapter's configuration as trained (target rules included); each
-  // LoRA layer's own r/alpha/... are always recorded per layer.
-  std::optional<nn::LoRAConfig> lora;
-  // The quantisation the bases were made with (informative: every 4-bit
-  // layer records its own quantisation state).
-  std::optional<nn::QuantizedBaseConfig> quantization;
-  // false: leave LoRA tensors out (flag bit 0 clear); load_qnat then gives
-  // every LoRA layer a fresh no-op adapter (B = 0).
-  bool include_adapter = true;
-  // A JSON object stored verbatim under "extra" ("" = none).
-  std::string extra_json;
-};
-
-// Writes `model` to `path` atomically (write_file_atomic). Tensors on any
-// device are copied to the CPU; the model is not modified.
-void save_qnat(const std::string& path, models::LlamaForCausalLMImpl& model,
-               const QnatMetadata& metadata = {});
-inline void save_qnat(const std::string& path, models::LlamaForCausalLM& model,
-                      const QnatMetadata& metadata = {}) {
-  save_qnat(path, *model, metadata);
-}
 
 enum class QnatDtype : uint32_t {
   kF32 = 0,
@@ -85,6 +49,13 @@ enum class QnatDtype : uint32_t {
   kFP4 = 17,
 };
 const char* qnat_dtype_name(QnatDtype dtype);
+// The QNAT code of a dense torch dtype, and back; nullopt where QNAT has none.
+std::optional<QnatDtype> qnat_dense_dtype(at::ScalarType scalar);
+std::optional<at::ScalarType> qnat_scalar_type(QnatDtype dtype);
+// A dense dtype by its QNAT name ("f32", "u8", ...), as the metadata spells it.
+std::optional<at::ScalarType> qnat_scalar_from_name(const std::string& name);
+// The QNAT name of a dense torch dtype ("?" where QNAT has none).
+std::string qnat_scalar_name(at::ScalarType scalar);
 
 struct QnatTensor {
   std::string name;
@@ -103,9 +74,9 @@ struct QnatTensor {
 // mapping). open() checks the header (magic, version, flags, lengths, header
 // checksum), parses the metadata JSON and validates the whole tensor table
 // (names unique, dtypes known, byte length == dtype x shape, offsets aligned,
-// inside the data section and non-overlapping, quant-state references
-// resolvable). With `verify_checksums` (the default) it also checks every
-// tensor's checksum; otherwise verify() / tensor(name, true) check on demand.
+// inside the data section and non-overlapping, quant-state records complete).
+// With `verify_checksums` (the default) it also checks every tensor's
+// checksum; otherwise verify() / tensor(name, true) check on demand.
 class QnatFile {
  public:
   static QnatFile open(const std::string& path, bool verify_checksums = true);
@@ -114,9 +85,8 @@ class QnatFile {
   uint32_t version() const { return version_; }
   uint32_t flags() const { return flags_; }
   bool has_adapter() const { return (flags_ & kQnatFlagHasAdapter) != 0; }
+  // The metadata block, a JSON object (checked on open).
   const std::string& metadata_json() const { return metadata_json_; }
-  // The model config, parsed from metadata "model_config".
-  const models::LlamaConfig& config() const { return config_; }
   const std::vector<QnatTensor>& tensors() const { return tensors_; }
   bool contains(const std::string& name) const { return index_.count(name) != 0; }
   const QnatTensor& info(const std::string& name) const;
@@ -135,28 +105,38 @@ class QnatFile {
   std::shared_ptr<const MappedFile> file_;
   uint32_t version_ = 0, flags_ = 0;
   std::string metadata_json_;
-  models::LlamaConfig config_;
   std::vector<QnatTensor> tensors_;
   std::map<std::string, size_t> index_;
   // Per nf4/fp4 tensor: the packed storage dtype and shape.
   std::map<std::string, std::pair<at::ScalarType, std::vector<int64_t>>> packed_;
 };
 
-struct QnatLoadOptions {
-  c10::Device device = at::kCPU;
-  // true: frozen tensors (4-bit bases, dense frozen weights) stay zero-copy
-  // views of the (private, copy-on-write) mapping; trainable parameters are
-  // always copied. false: everything is copied into fresh memory.
-  bool zero_copy = true;
-  bool verify_checksums = true;
-};
+// Collects named tensors, then writes them as one QNAT file, atomically.
+// Tensors are copied to the CPU when added; offsets and checksums are the
+// writer's job.
+class QnatWriter {
+ public:
+  // A dense tensor, stored in its own dtype (QnatError if QNAT has no code).
+  void add(const std::string& name, const at::Tensor& tensor);
+  // A packed 4-bit tensor: `packed` is its storage as held in memory,
+  // `logical_shape` the dequantised weight's, `quant_state` the key of its
+  // record under metadata "quant_states".
+  void add_packed(const std::string& name, const at::Tensor& packed, QnatDtype dtype,
+                  const std::vector<int64_t>& logical_shape, const std::string& quant_state);
+  bool contains(const std::string& name) const;
 
-// Builds the model `path` holds: QLoRALinear layers from the packed weights
-// and their QuantState (never re-quantised), LoRALinear / plain Linear layers
-// as saved, LoRA weights restored when the file has an adapter, requires_grad
-// as saved. Returns it in eval mode. Errors (QnatError) name the file and the
-// tensor.
-models::LlamaForCausalLM load_qnat(const std::string& path, const QnatLoadOptions& options = {},
-                                   QnatMetadata* metadata = nullptr);
+  // Writes header, `metadata_json` (a JSON object) and the tensors to `path`
+  // with write_file_atomic.
+  void write(const std::string& path, const std::string& metadata_json, uint32_t flags) const;
+
+ private:
+  struct Pending {
+    QnatTensor info;
+    at::Tensor data;  // CPU, contiguous
+  };
+  std::vector<Pending> pending_;
+  std::map<std::string, size_t> index_;
+  void push(QnatTensor info, const at::Tensor& tensor);
+};
 
 }  // namespace qlora::io
