@@ -1,6 +1,6 @@
 #include "qlora/io/gguf.h"
 
-#include "name_hints.h"
+#include "io/name_hints.h"
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
@@ -14,6 +14,7 @@
 
 #include "io/ggml_dequant.h"
 #include "qlora/io/atomic_file.h"
+#include "util/strings.h"
 
 // The format is little-endian and values are copied out verbatim.
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "GGUF I/O assumes a little-endian host");
@@ -383,7 +384,7 @@ std::vector<int64_t> read_dims(Cursor& in, const std::string& name) {
   }
   for (int64_t n : ne) {
     if (__builtin_mul_overflow(numel, n, &numel)) {
-      fail(in.path(), "tensor " + quote(name) + " has ne " + shape_str(ne) +
+      fail(in.path(), "tensor " + quote(name) + " has ne " + util::shape_str(ne) +
                           ", more elements than fit in int64");
     }
   }
@@ -414,7 +415,7 @@ uint64_t tensor_nbytes(const std::string& path, const GgufTensorInfo& t,
   }
   uint64_t nbytes = static_cast<uint64_t>(t.numel() / traits.block_size);
   if (__builtin_mul_overflow(nbytes, static_cast<uint64_t>(traits.type_size), &nbytes)) {
-    fail(path, "tensor " + quote(t.name) + " with ne " + shape_str(t.ne) +
+    fail(path, "tensor " + quote(t.name) + " with ne " + util::shape_str(t.ne) +
                    " has more bytes than fit in 64 bits");
   }
   return nbytes;

@@ -186,7 +186,7 @@ void save_qnat(const std::string& path, models::LlamaForCausalLMImpl& model,
         writer.add(name, t);
       }
     } catch (const io::QnatError& e) {
-      throw io::io::QnatError("save_qnat " + path + ": " + e.what());
+      throw io::QnatError("save_qnat " + path + ": " + e.what());
     }
     written.emplace_back(name, t);
   }
