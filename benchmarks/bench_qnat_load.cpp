@@ -11,7 +11,7 @@
 #include <cstdlib>
 #include <string>
 
-#include "qlora/io/qnat.h"
+#include "qlora/models/qnat.h"
 #include "qlora/models/loader.h"
 
 namespace {
@@ -39,12 +39,12 @@ const std::string& qnat_path() {
   static const std::string* path = [] {
     auto* p = new std::string("/tmp/bench_qnat_" + std::to_string(::getpid()) + ".qnat");
     auto model = qlora::models::load_llama(gguf_path(), load_options());
-    qlora::io::QnatMetadata meta;
+    qlora::models::QnatMetadata meta;
     meta.tokenizer_source = gguf_path();
     meta.tokenizer_kind = "gguf";
     meta.lora = load_options().lora;
     meta.quantization = load_options().quantize;
-    qlora::io::save_qnat(*p, model, meta);
+    qlora::models::save_qnat(*p, model, meta);
     std::atexit([] { std::remove(qnat_path().c_str()); });
     return p;
   }();
@@ -61,11 +61,11 @@ BENCHMARK(BM_LoadGgufQuantizeNf4)->Unit(benchmark::kMillisecond)->Iterations(3);
 
 void BM_LoadQnat(benchmark::State& state) {
   const std::string& path = qnat_path();
-  qlora::io::QnatLoadOptions o;
+  qlora::models::QnatLoadOptions o;
   o.zero_copy = state.range(0) != 0;
   o.verify_checksums = state.range(1) != 0;
   for (auto _ : state) {
-    auto model = qlora::io::load_qnat(path, o);
+    auto model = qlora::models::load_qnat(path, o);
     benchmark::DoNotOptimize(model.ptr());
   }
   state.SetLabel(std::string(o.zero_copy ? "zero-copy" : "copy") +

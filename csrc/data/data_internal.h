@@ -8,9 +8,9 @@
 #include <utility>
 #include <vector>
 
-#include "qlora/data/dataset.h"
+#include "qlora/data.h"
 
-namespace qlora::data::internal {
+namespace qlora::data::detail {
 
 // Where readers send malformed-record reports: collected under kSkip, thrown under kReject.
 class IssueSink {
@@ -52,4 +52,4 @@ void fisher_yates(std::vector<T>& items, std::mt19937_64& rng) {
   }
 }
 
-}  // namespace qlora::data::internal
+}  // namespace qlora::data::detail

@@ -74,8 +74,8 @@ void DataLoader::plan_epoch() {
   std::vector<size_t> order(n);
   for (size_t i = 0; i < n; ++i) order[i] = i;
   if (options_.shuffle) {
-    std::mt19937_64 rng(internal::mix_seed(options_.seed, static_cast<uint64_t>(epoch_)));
-    internal::fisher_yates(order, rng);
+    std::mt19937_64 rng(detail::mix_seed(options_.seed, static_cast<uint64_t>(epoch_)));
+    detail::fisher_yates(order, rng);
   }
   rows_.clear();
   if (options_.packing) {
@@ -119,7 +119,7 @@ uint64_t DataLoader::config_fingerprint() const {
   for (const int64_t v :
        {int64_t{options_.shuffle}, options_.micro_batch_size, int64_t{options_.packing},
         options_.packing ? options_.max_length : 0, int64_t{options_.drop_last}}) {
-    h = internal::splitmix64(h ^ static_cast<uint64_t>(v));
+    h = detail::splitmix64(h ^ static_cast<uint64_t>(v));
   }
   return h;
 }

@@ -18,7 +18,7 @@ void check_fraction(double eval_fraction) {
 // A 64-bit hash mapped to [0, 1) through its top 53 bits, exactly representable as a double.
 double unit_interval(uint64_t h) { return static_cast<double>(h >> 11) * 0x1.0p-53; }
 
-uint64_t hash_combine(uint64_t h, uint64_t value) { return internal::splitmix64(h ^ value); }
+uint64_t hash_combine(uint64_t h, uint64_t value) { return detail::splitmix64(h ^ value); }
 
 }  // namespace
 
@@ -70,7 +70,7 @@ DatasetSplit Dataset::split_by_key(const std::function<std::string(const Example
   check_fraction(eval_fraction);
   DatasetSplit out;
   for (const Example& e : examples_) {
-    const uint64_t h = internal::splitmix64(stable_hash(key_fn(e)) ^ seed);
+    const uint64_t h = detail::splitmix64(stable_hash(key_fn(e)) ^ seed);
     (unit_interval(h) < eval_fraction ? out.eval.examples_ : out.train.examples_).push_back(e);
   }
   return out;

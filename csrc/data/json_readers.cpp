@@ -4,7 +4,7 @@
 #include "data/json_records.h"
 
 namespace qlora::data {
-namespace internal {
+namespace detail {
 namespace {
 
 using nlohmann::json;
@@ -153,36 +153,36 @@ bool chat_record_from_json(const json& value, int64_t line, IssueSink& sink, Rec
   return true;
 }
 
-}  // namespace internal
+}  // namespace detail
 
 ReadResult parse_alpaca_json(std::string_view content, const std::string& name,
                              Strictness strictness) {
-  return internal::read_json_records(content, name, strictness, internal::for_each_array_record,
-                                     internal::alpaca_record_from_json);
+  return detail::read_json_records(content, name, strictness, detail::for_each_array_record,
+                                     detail::alpaca_record_from_json);
 }
 
 ReadResult parse_alpaca_jsonl(std::string_view content, const std::string& name,
                               Strictness strictness) {
-  return internal::read_json_records(content, name, strictness, internal::for_each_line_record,
-                                     internal::alpaca_record_from_json);
+  return detail::read_json_records(content, name, strictness, detail::for_each_line_record,
+                                     detail::alpaca_record_from_json);
 }
 
 ReadResult parse_chat_jsonl(std::string_view content, const std::string& name,
                             Strictness strictness) {
-  return internal::read_json_records(content, name, strictness, internal::for_each_line_record,
-                                     internal::chat_record_from_json);
+  return detail::read_json_records(content, name, strictness, detail::for_each_line_record,
+                                     detail::chat_record_from_json);
 }
 
 ReadResult read_alpaca_json(const std::string& path, Strictness strictness) {
-  return parse_alpaca_json(internal::read_file(path), path, strictness);
+  return parse_alpaca_json(detail::read_file(path), path, strictness);
 }
 
 ReadResult read_alpaca_jsonl(const std::string& path, Strictness strictness) {
-  return parse_alpaca_jsonl(internal::read_file(path), path, strictness);
+  return parse_alpaca_jsonl(detail::read_file(path), path, strictness);
 }
 
 ReadResult read_chat_jsonl(const std::string& path, Strictness strictness) {
-  return parse_chat_jsonl(internal::read_file(path), path, strictness);
+  return parse_chat_jsonl(detail::read_file(path), path, strictness);
 }
 
 }  // namespace qlora::data

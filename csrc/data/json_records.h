@@ -10,7 +10,7 @@
 
 #include "data/data_internal.h"
 
-namespace qlora::data::internal {
+namespace qlora::data::detail {
 
 // Records never nest deeply; refusing deep input keeps hostile files cheap to reject.
 inline constexpr int kMaxJsonDepth = 256;
@@ -39,4 +39,4 @@ bool alpaca_record_from_json(const nlohmann::json& value, int64_t line, IssueSin
                              Record* out);
 bool chat_record_from_json(const nlohmann::json& value, int64_t line, IssueSink& sink, Record* out);
 
-}  // namespace qlora::data::internal
+}  // namespace qlora::data::detail

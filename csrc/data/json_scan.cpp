@@ -3,7 +3,7 @@
 
 #include "data/json_records.h"
 
-namespace qlora::data::internal {
+namespace qlora::data::detail {
 namespace {
 
 bool is_json_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
@@ -174,4 +174,4 @@ bool parse_json_value(std::string_view text, int64_t first_line, IssueSink& sink
   return false;
 }
 
-}  // namespace qlora::data::internal
+}  // namespace qlora::data::detail

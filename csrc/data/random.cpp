@@ -22,7 +22,7 @@ std::vector<size_t> shuffled_indices(size_t n, uint64_t seed) {
   std::vector<size_t> indices(n);
   for (size_t i = 0; i < n; ++i) indices[i] = i;
   std::mt19937_64 rng(seed);
-  internal::fisher_yates(indices, rng);
+  detail::fisher_yates(indices, rng);
   return indices;
 }
 
@@ -35,7 +35,7 @@ uint64_t stable_hash(std::string_view bytes) {
   return h;
 }
 
-namespace internal {
+namespace detail {
 
 uint64_t splitmix64(uint64_t x) {
   x += 0x9e3779b97f4a7c15ULL;
@@ -48,5 +48,5 @@ uint64_t splitmix64(uint64_t x) {
 // with seeds 1, 2, 3) start their engines far apart instead of from neighbouring integers.
 uint64_t mix_seed(uint64_t seed, uint64_t stream) { return splitmix64(seed ^ splitmix64(stream)); }
 
-}  // namespace internal
+}  // namespace detail
 }  // namespace qlora::data

@@ -37,7 +37,7 @@ DataFormat parse_data_format(const std::string& name) {
                               "\" (expected auto, alpaca_json, alpaca_jsonl, chat_jsonl or text)");
 }
 
-namespace internal {
+namespace detail {
 
 void IssueSink::report(int64_t line, std::string message) {
   DataIssue issue{file_, line, std::move(message)};
@@ -111,5 +111,5 @@ bool is_blank(std::string_view text) {
   return true;
 }
 
-}  // namespace internal
+}  // namespace detail
 }  // namespace qlora::data

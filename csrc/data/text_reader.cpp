@@ -21,9 +21,9 @@ bool ends_with(const std::string& s, std::string_view suffix) {
 // .jsonl files hold either format; the first record decides. Anything unreadable there falls
 // back to Alpaca, whose reader then reports the problem.
 DataFormat sniff_jsonl(const std::string& path) {
-  const std::string content = internal::read_file(path);
-  for (const internal::Line& line : internal::split_lines(internal::strip_bom(content))) {
-    if (internal::is_blank(line.text)) continue;
+  const std::string content = detail::read_file(path);
+  for (const detail::Line& line : detail::split_lines(detail::strip_bom(content))) {
+    if (detail::is_blank(line.text)) continue;
     const nlohmann::json value = nlohmann::json::parse(line.text, nullptr, false);
     const bool chat = value.is_object() && value.contains("messages");
     return chat ? DataFormat::kChatJsonl : DataFormat::kAlpacaJsonl;
@@ -44,15 +44,15 @@ DataFormat detect_format(const std::string& path) {
 ReadResult parse_text(std::string_view content, const std::string& name, Strictness strictness,
                       TextUnit unit) {
   ReadResult result;
-  internal::IssueSink sink(name, strictness, &result.issues);
+  detail::IssueSink sink(name, strictness, &result.issues);
   std::string document;
   int64_t first_line = 0;
   auto flush = [&] {
     if (!document.empty()) result.records.push_back(completion_record(document, name, first_line));
     document.clear();
   };
-  for (const internal::Line& line : internal::split_lines(internal::strip_bom(content))) {
-    if (internal::is_blank(line.text)) {
+  for (const detail::Line& line : detail::split_lines(detail::strip_bom(content))) {
+    if (detail::is_blank(line.text)) {
       flush();
       continue;
     }
@@ -69,7 +69,7 @@ ReadResult parse_text(std::string_view content, const std::string& name, Strictn
 }
 
 ReadResult read_text(const std::string& path, Strictness strictness, TextUnit unit) {
-  return parse_text(internal::read_file(path), path, strictness, unit);
+  return parse_text(detail::read_file(path), path, strictness, unit);
 }
 
 ReadResult read_records(const std::string& path, DataFormat format, Strictness strictness,

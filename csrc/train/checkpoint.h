@@ -11,6 +11,7 @@
 #include <optional>
 #include <string>
 
+#include "qlora/data/data_loader.h"
 #include "qlora/models/llama.h"
 #include "qlora/nn/lora_config.h"
 

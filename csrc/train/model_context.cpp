@@ -8,6 +8,7 @@
 #include <cmath>
 #include <sstream>
 
+#include "qlora/data/data_loader.h"
 #include "qlora/models/loader.h"
 #include "qlora/nn/peft_adapter.h"
 #include "train/label_tokens.h"

@@ -10,6 +10,7 @@
 #include <optional>
 #include <set>
 
+#include "qlora/data/data_loader.h"
 #include "qlora/io/atomic_file.h"
 #include "qlora/nn/peft_adapter.h"
 #include "qlora/optim/paged_adamw.h"

@@ -10,7 +10,7 @@
 #include <limits>
 #include <vector>
 
-#include "../../csrc/cpu/isa_kernels.h"
+#include "cpu/isa_kernels.h"
 #include "cpu/onednn_linear.h"
 #include "ops/dense_linear.h"
 #include "qlora/cpu_capability.h"

@@ -14,7 +14,7 @@
 #include <string>
 #include <vector>
 
-#include "qlora/data/dataset.h"
+#include "qlora/data.h"
 #include "qlora/tokenizers/tokenizer.h"
 #include "test_utils.h"
 

@@ -2,7 +2,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
-#include "../../csrc/common/python_float.h"
+#include "common/python_float.h"
 #include "qlora/ops.h"
 #include "qlora/quant_state.h"
 #include "test_utils.h"

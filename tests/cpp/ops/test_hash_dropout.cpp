@@ -5,8 +5,8 @@
 
 #include <cmath>
 
-#include "../../csrc/common/dropout_hash.h"
-#include "../../csrc/cpu/dropout_kernel.h"
+#include "common/dropout_hash.h"
+#include "cpu/dropout_kernel.h"
 #include "qlora/nn/hash_dropout.h"
 #include "test_utils.h"
 
