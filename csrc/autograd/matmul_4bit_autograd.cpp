@@ -15,7 +15,7 @@
 
 #include "ops/dense_linear.h"
 #include "ops/matmul_4bit_composite.h"
-#include "matmul_4bit_autograd.h"
+#include "autograd/matmul_4bit_autograd.h"
 #include "qlora/ops.h"
 
 namespace qlora {

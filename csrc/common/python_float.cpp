@@ -1,4 +1,4 @@
-#include "python_float.h"
+#include "common/python_float.h"
 
 #include <charconv>
 #include <cmath>

@@ -7,9 +7,9 @@
 #include <cstdint>
 #include <cstring>
 
-#include "codebooks.h"
+#include "common/codebooks.h"
 
-#include "host_device.h"
+#include "common/host_device.h"
 
 namespace qlora::detail {
 

@@ -10,9 +10,9 @@
 #include <array>
 #include <vector>
 
-#include "../common/quant_math.h"
-#include "../ops/checks.h"
-#include "cpu_utils.h"
+#include "common/quant_math.h"
+#include "ops/checks.h"
+#include "cpu/cpu_utils.h"
 
 namespace qlora::cpu {
 namespace {

@@ -1,4 +1,4 @@
-#include "cpu_utils.h"
+#include "cpu/cpu_utils.h"
 
 #include <sys/mman.h>
 

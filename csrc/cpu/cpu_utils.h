@@ -14,7 +14,7 @@
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
-#include "../ops/checks.h"
+#include "ops/checks.h"
 
 namespace qlora::cpu {
 

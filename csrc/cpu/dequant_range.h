@@ -11,9 +11,9 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "../common/quant_math.h"
-#include "cpu_utils.h"
-#include "isa_kernels.h"
+#include "common/quant_math.h"
+#include "cpu/cpu_utils.h"
+#include "cpu/isa_kernels.h"
 
 namespace qlora::cpu {
 

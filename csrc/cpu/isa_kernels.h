@@ -12,8 +12,8 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "../common/dropout_hash.h"
-#include "../common/quant_math.h"
+#include "common/dropout_hash.h"
+#include "common/quant_math.h"
 #include "qlora/cpu_capability.h"
 
 namespace qlora::cpu {

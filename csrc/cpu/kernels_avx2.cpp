@@ -2,7 +2,7 @@
 // portable table except for the order of `dot`'s sums.
 #include <algorithm>
 
-#include "isa_kernels.h"
+#include "cpu/isa_kernels.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>

@@ -5,7 +5,7 @@
 // vcvtneps2bf16 flushes subnormals, torch's rounding does not.
 #include <algorithm>
 
-#include "isa_kernels.h"
+#include "cpu/isa_kernels.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>

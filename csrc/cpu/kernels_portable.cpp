@@ -6,7 +6,7 @@
 
 #include <algorithm>
 
-#include "isa_kernels.h"
+#include "cpu/isa_kernels.h"
 
 namespace qlora::cpu {
 namespace {

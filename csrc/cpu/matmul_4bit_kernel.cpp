@@ -17,10 +17,10 @@
 #include <vector>
 
 #include "ops/code_tables.h"
-#include "../ops/checks.h"
-#include "../ops/matmul_4bit_composite.h"
-#include "cpu_utils.h"
-#include "dequant_range.h"
+#include "ops/checks.h"
+#include "ops/matmul_4bit_composite.h"
+#include "cpu/cpu_utils.h"
+#include "cpu/dequant_range.h"
 #include "cpu/onednn_linear.h"
 #include "ops/dense_linear.h"
 #include "qlora/ops.h"

@@ -1,4 +1,4 @@
-#include "onednn_linear.h"
+#include "cpu/onednn_linear.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>

@@ -1,7 +1,7 @@
 // CUDA kernels of the 8-bit blockwise quantizer: one warp per block, exact
 // nearest code by float32 midpoints (the rule the CPU kernel uses).
-#include "../common/quant_math.h"
-#include "device_utils.cuh"
+#include "common/quant_math.h"
+#include "cuda/device_utils.cuh"
 
 namespace qlora::cuda {
 namespace {

@@ -7,7 +7,7 @@
 
 #include <cstdint>
 
-#include "launchers.h"
+#include "cuda/launchers.h"
 
 namespace qlora::cuda {
 

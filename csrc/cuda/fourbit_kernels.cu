@@ -1,7 +1,7 @@
 // CUDA kernels of quantize_4bit / dequantize_4bit. One warp per quantization
 // block; the per-element rules are the shared ones in common/quant_math.h.
-#include "../common/quant_math.h"
-#include "device_utils.cuh"
+#include "common/quant_math.h"
+#include "cuda/device_utils.cuh"
 
 namespace qlora::cuda {
 namespace {

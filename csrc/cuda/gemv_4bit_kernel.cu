@@ -1,7 +1,7 @@
 // CUDA gemv_4bit: one warp per output feature streams that weight row's
 // 4-bit codes once per input row; products and sums in float32.
-#include "../common/quant_math.h"
-#include "device_utils.cuh"
+#include "common/quant_math.h"
+#include "cuda/device_utils.cuh"
 
 namespace qlora::cuda {
 namespace {

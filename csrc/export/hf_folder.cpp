@@ -4,14 +4,14 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 
-#include "../util/fs.h"
+#include "util/fs.h"
 #include "qlora/io/atomic_file.h"
 #include "qlora/io/safetensors.h"
 #include "qlora/nn/apply_lora.h"
 #include "qlora/nn/lora_layer.h"
 #include "qlora/nn/qlora_linear.h"
 
-namespace qlora::models {
+namespace qlora::exporters {
 
 namespace {
 
@@ -102,4 +102,4 @@ void save_hf_merged_folder(LlamaForCausalLM& model, const std::string& dir, at::
   if (fs::is_dir(tokenizer_source)) copy_tokenizer_files(tokenizer_source, dir);
 }
 
-}  // namespace qlora::models
+}  // namespace qlora::exporters

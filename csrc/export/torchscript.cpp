@@ -13,7 +13,7 @@
 #include <torch/csrc/jit/frontend/resolver.h>
 #include <torch/csrc/jit/frontend/sugared_value.h>
 
-namespace qlora::jit {
+namespace qlora::exporters {
 
 namespace {
 
@@ -195,4 +195,4 @@ torch::jit::Module script_module(torch::nn::Module& module) {
               " (supported: LoRA/QLoRA layers, Linear, ReLU/GELU/SiLU/Tanh, Sequential)");
 }
 
-}  // namespace qlora::jit
+}  // namespace qlora::exporters

@@ -12,7 +12,7 @@
 #include <system_error>
 #include <vector>
 
-#include "../util/fs.h"
+#include "util/fs.h"
 
 namespace qlora::io {
 namespace {

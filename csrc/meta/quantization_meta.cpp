@@ -7,7 +7,7 @@
 
 #include <vector>
 
-#include "../ops/checks.h"
+#include "ops/checks.h"
 
 namespace qlora::meta {
 namespace {

@@ -3,7 +3,7 @@
 #include "qlora/nn/recompute_tape.h"
 #include "qlora/ops.h"
 
-#include "../autograd/matmul_4bit_autograd.h"
+#include "autograd/matmul_4bit_autograd.h"
 
 namespace qlora::nn {
 

@@ -9,7 +9,7 @@
 
 #include <string_view>
 
-#include "../common/quant_math.h"
+#include "common/quant_math.h"
 
 namespace qlora::detail {
 

@@ -5,9 +5,9 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/linear.h>
 
-#include "checks.h"
-#include "code_tables.h"
-#include "matmul_4bit_composite.h"
+#include "ops/checks.h"
+#include "ops/code_tables.h"
+#include "ops/matmul_4bit_composite.h"
 #include "qlora/ops.h"
 
 namespace qlora {

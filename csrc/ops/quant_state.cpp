@@ -9,7 +9,7 @@
 #include <cstring>
 #include <utility>
 
-#include "../common/python_float.h"
+#include "common/python_float.h"
 #include "qlora/ops.h"
 
 namespace qlora {

@@ -8,7 +8,7 @@
 
 #include "qlora/ops.h"
 #include "qlora/quant_state.h"
-#include "state_storage.h"
+#include "optim/state_storage.h"
 
 namespace qlora::optim {
 

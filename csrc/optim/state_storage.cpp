@@ -1,4 +1,4 @@
-#include "state_storage.h"
+#include "optim/state_storage.h"
 
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/zeros.h>

@@ -1,4 +1,4 @@
-#include "metrics.h"
+#include "train/metrics.h"
 
 #include <unistd.h>
 
@@ -10,8 +10,8 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
-#include "../util/fs.h"
-#include "../util/log.h"
+#include "util/fs.h"
+#include "util/log.h"
 #include "qlora/io/atomic_file.h"
 
 namespace qlora::train {

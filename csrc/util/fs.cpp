@@ -1,4 +1,4 @@
-#include "fs.h"
+#include "util/fs.h"
 
 #include <dirent.h>
 #include <fcntl.h>

@@ -1,8 +1,8 @@
-#include "json_file.h"
+#include "util/json_file.h"
 
 #include <stdexcept>
 
-#include "fs.h"
+#include "util/fs.h"
 
 namespace qlora::util {
 

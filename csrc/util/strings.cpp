@@ -1,4 +1,4 @@
-#include "strings.h"
+#include "util/strings.h"
 
 namespace qlora::util {
 

@@ -157,7 +157,7 @@ int run_script(char** argv) {
   model->eval();
   const at::Tensor x = torch::randn({3, 64});
   torch::NoGradGuard g;
-  qlora::jit::script_module(*model).save(argv[2]);
+  qlora::exporters::script_module(*model).save(argv[2]);
   qlora::io::save_safetensors(argv[3], Weights{{"x", x}, {"y", model->forward(x)}});
   return 0;
 }

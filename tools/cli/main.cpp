@@ -91,9 +91,9 @@ int quantize(const std::string& model_path, const std::string& out, const std::s
   load.quantize = qlora::nn::QuantizedBaseConfig{quant, at::kFloat};
   qlora::models::LoadReport report;
   auto model = qlora::models::load_llama(model_path, load, &report);
-  qlora::models::save_bnb_4bit_folder(model, out, quant, at::kFloat);
+  qlora::exporters::save_bnb_4bit_folder(model, out, quant, at::kFloat);
   // The tokenizer files travel with the weights when the source has them.
-  qlora::models::copy_tokenizer_files(model_path, out);
+  qlora::exporters::copy_tokenizer_files(model_path, out);
   std::cout << "wrote " << out << ": " << report.quantized.size() << " layers in " << quant_type
             << (double_quant ? " (double quantisation)" : "") << ", blocksize " << blocksize
             << "\n";

@@ -6,7 +6,9 @@
 #include "qlora/models/llama.h"
 #include "qlora/quant_state.h"
 
-namespace qlora::models {
+namespace qlora::exporters {
+
+using models::LlamaForCausalLM;
 
 // A bitsandbytes 4-bit HF folder (config.json with quantization_config +
 // model.safetensors) from a model whose Linear layers are QLoRALinear:
@@ -27,4 +29,4 @@ void save_hf_merged_folder(LlamaForCausalLM& model, const std::string& dir, at::
 // returns how many it found.
 int copy_tokenizer_files(const std::string& from_dir, const std::string& to_dir);
 
-}  // namespace qlora::models
+}  // namespace qlora::exporters

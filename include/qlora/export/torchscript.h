@@ -16,7 +16,7 @@ namespace qlora::nn {
 class LoRALayerImpl;
 }
 
-namespace qlora::jit {
+namespace qlora::exporters {
 
 // One LoRALinear / QLoRALinear (LoRA or DoRA) as a TorchScript module.
 torch::jit::Module script_lora_layer(const nn::LoRALayerImpl& layer);
@@ -38,4 +38,4 @@ class SequentialBuilder {
   std::vector<std::string> steps_;  // "self.<name>(x)" or "torch.relu(x)"-style calls
 };
 
-}  // namespace qlora::jit
+}  // namespace qlora::exporters

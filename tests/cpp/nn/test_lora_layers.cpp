@@ -288,7 +288,7 @@ TEST(TorchScript, ExportedQLoRAModelMatchesAndRoundTrips) {
   model->eval();
   const at::Tensor x = torch::randn({3, 16});
   const at::Tensor expected = model->forward(x);
-  torch::jit::Module scripted = qlora::jit::script_module(*model);
+  torch::jit::Module scripted = qlora::exporters::script_module(*model);
   EXPECT_TRUE(at::allclose(scripted.forward({x}).toTensor(), expected, 1e-5, 1e-6));
   const std::string path = temp_dir() + "/model.pt";
   scripted.save(path);
@@ -297,7 +297,7 @@ TEST(TorchScript, ExportedQLoRAModelMatchesAndRoundTrips) {
   expect_error(
       [&] {
         torch::nn::Sequential bad(torch::nn::Conv1d(1, 1, 1));
-        qlora::jit::script_module(*bad);
+        qlora::exporters::script_module(*bad);
       },
       "no exporter for module");
 }
