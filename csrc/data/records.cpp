@@ -1,13 +1,9 @@
 // Record-level plumbing: issue reporting, file reading and line splitting.
-#include <fcntl.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
-#include <cerrno>
-#include <cstring>
 #include <stdexcept>
+#include <system_error>
 
 #include "data/data_internal.h"
+#include "util/fs.h"
 
 namespace qlora::data {
 
@@ -60,42 +56,13 @@ std::vector<Line> split_lines(std::string_view content) {
   return lines;
 }
 
-namespace {
-
-[[noreturn]] void throw_io(const std::string& what, const std::string& path, int err) {
-  throw DataError("cannot " + what + " '" + path + "': " + std::strerror(err));
-}
-
-// Closes the descriptor on every path out of read_file.
-struct Fd {
-  int fd;
-  ~Fd() {
-    if (fd >= 0) ::close(fd);
-  }
-};
-
-}  // namespace
-
+// The data readers' errors are DataErrors; the bytes come from the one file reader.
 std::string read_file(const std::string& path) {
-  Fd file{::open(path.c_str(), O_RDONLY | O_CLOEXEC)};
-  if (file.fd < 0) throw_io("open", path, errno);
-  struct stat st;
-  if (::fstat(file.fd, &st) != 0) throw_io("stat", path, errno);
-  // read() on a directory fails with EISDIR anyway; saying so up front is clearer.
-  if (S_ISDIR(st.st_mode)) throw_io("read", path, EISDIR);
-  std::string content;
-  if (S_ISREG(st.st_mode)) content.reserve(static_cast<size_t>(st.st_size));
-  char buffer[1 << 16];
-  for (;;) {
-    const ssize_t n = ::read(file.fd, buffer, sizeof(buffer));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      throw_io("read", path, errno);
-    }
-    if (n == 0) break;
-    content.append(buffer, static_cast<size_t>(n));
+  try {
+    return fs::read_file(path);
+  } catch (const std::system_error& e) {
+    throw DataError(e.what());
   }
-  return content;
 }
 
 std::string_view strip_bom(std::string_view content) {

@@ -1,5 +1,6 @@
 // Plain-text completion files, and read_records, which picks the reader for a file.
 #include "data/json_records.h"
+#include "util/strings.h"
 
 namespace qlora::data {
 namespace {
@@ -13,10 +14,7 @@ Record completion_record(std::string text, const std::string& name, int64_t line
   return record;
 }
 
-bool ends_with(const std::string& s, std::string_view suffix) {
-  return s.size() >= suffix.size() &&
-         s.compare(s.size() - suffix.size(), suffix.size(), suffix.data(), suffix.size()) == 0;
-}
+using util::ends_with;
 
 // .jsonl files hold either format; the first record decides. Anything unreadable there falls
 // back to Alpaca, whose reader then reports the problem.
