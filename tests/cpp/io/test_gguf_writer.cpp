@@ -17,13 +17,12 @@
 namespace qlora::io {
 namespace {
 
+using test::read_bytes;
+using test::write_bytes;
+
 using test::expect_error;
 using test::TempDir;
 
-std::string read_all(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
 
 TEST(GgufWriter, MetadataRoundTripsWithExactTypes) {
   TempDir dir;
@@ -111,7 +110,7 @@ TEST(GgufWriter, TensorsAreSequentialAlignedAndExact) {
   w.add_tensor_raw("raw", {3}, GgmlType::F32, std::vector<uint8_t>(12, 0));
   w.write(path);
 
-  const std::string bytes = read_all(path);
+  const std::string bytes = read_bytes(path);
   ASSERT_GE(bytes.size(), 8u);
   EXPECT_EQ(bytes.substr(0, 4), "GGUF");
   uint32_t version = 0;

@@ -22,6 +22,9 @@
 namespace qlora::io {
 namespace {
 
+using test::read_bytes;
+using test::write_bytes;
+
 using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
 
 const std::vector<at::ScalarType> kAllDtypes = {
@@ -64,14 +67,7 @@ void expect_bitwise_equal(const at::Tensor& actual, const at::Tensor& expected,
   EXPECT_TRUE(at::equal(bytes(actual), bytes(expected))) << what;
 }
 
-std::string read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
 
-void write_file(const std::string& path, const std::string& bytes) {
-  std::ofstream(path, std::ios::binary) << bytes;
-}
 
 std::string u64_le(uint64_t v) {
   std::string out(8, '\0');
@@ -175,14 +171,14 @@ TEST_F(SafetensorsTest, RoundTripsMetadata) {
 
   save_safetensors(file("none.safetensors"), NamedTensors{{"w", at::ones({2})}});
   EXPECT_TRUE(SafetensorsReader::open(file("none.safetensors")).metadata().empty());
-  EXPECT_EQ(read_file(file("none.safetensors")).find("__metadata__"), std::string::npos);
+  EXPECT_EQ(read_bytes(file("none.safetensors")).find("__metadata__"), std::string::npos);
 }
 
 TEST_F(SafetensorsTest, WritesPythonsHeaderLayoutAndOrder) {
   save_safetensors(file("h.safetensors"), NamedTensors{{"a", at::zeros({2})}});
   const std::string header = R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})";
   const std::string padded = header + std::string(8 - header.size() % 8, ' ');
-  EXPECT_EQ(read_file(file("h.safetensors")), header_file(padded, std::string(8, '\0')));
+  EXPECT_EQ(read_bytes(file("h.safetensors")), header_file(padded, std::string(8, '\0')));
 
   // Larger alignment first, then by name, whatever the input order.
   save_safetensors(file("o.safetensors"), NamedTensors{{"b8", at::zeros({3}, at::kByte)},
@@ -202,7 +198,7 @@ TEST_F(SafetensorsTest, MapAndVectorOverloadsWriteTheSameBytes) {
   save_safetensors(file("map.safetensors"), tensors, {{"k", "v"}});
   save_safetensors(file("vec.safetensors"),
                    NamedTensors{{"y", tensors.at("y")}, {"x", tensors.at("x")}}, {{"k", "v"}});
-  EXPECT_EQ(read_file(file("map.safetensors")), read_file(file("vec.safetensors")));
+  EXPECT_EQ(read_bytes(file("map.safetensors")), read_bytes(file("vec.safetensors")));
 }
 
 TEST_F(SafetensorsTest, WritesNonContiguousAndLazyViewsByValue) {
@@ -270,7 +266,7 @@ TEST_F(SafetensorsTest, MisalignedDataIsCopiedNotViewed) {
   while ((8 + header.size()) % 4 != 1) header += ' ';
   std::string data(24, '\0');
   std::memcpy(data.data(), expected.const_data_ptr(), 24);
-  write_file(file("odd.safetensors"), header_file(header, data));
+  write_bytes(file("odd.safetensors"), header_file(header, data));
 
   const at::Tensor got = SafetensorsReader::open(file("odd.safetensors")).get("w");
   EXPECT_EQ(reinterpret_cast<uintptr_t>(got.const_data_ptr()) % alignof(float), 0u);
@@ -279,7 +275,7 @@ TEST_F(SafetensorsTest, MisalignedDataIsCopiedNotViewed) {
 
 TEST_F(SafetensorsTest, EmptyCheckpointRoundTrips) {
   save_safetensors(file("e.safetensors"), NamedTensors{});
-  EXPECT_EQ(read_file(file("e.safetensors")), header_file("{}      "));
+  EXPECT_EQ(read_bytes(file("e.safetensors")), header_file("{}      "));
   EXPECT_TRUE(SafetensorsReader::open(file("e.safetensors")).tensors().empty());
 }
 
@@ -344,7 +340,7 @@ const std::vector<MalformedCase> kMalformed = {
 TEST_F(SafetensorsTest, RejectsMalformedFilesWithClearMessages) {
   for (const MalformedCase& c : kMalformed) {
     const std::string path = file(c.name + ".safetensors");
-    write_file(path, c.contents);
+    write_bytes(path, c.contents);
     const std::string error = error_of([&] { SafetensorsReader::open(path); });
     EXPECT_NE(error.find(c.expected), std::string::npos) << c.name << ": " << error;
     EXPECT_NE(error.find(path), std::string::npos) << c.name << ": " << error;
@@ -353,7 +349,7 @@ TEST_F(SafetensorsTest, RejectsMalformedFilesWithClearMessages) {
 
 TEST_F(SafetensorsTest, AcceptsWhatPythonAccepts) {
   // Zero-size tensors may share an offset; null metadata means none.
-  write_file(file("ok.safetensors"),
+  write_bytes(file("ok.safetensors"),
              header_file(R"({"__metadata__":null,"e":)" + f32(0, 0, "[0]") + R"(,"f":)" +
                              f32(0, 0, "[2,0]") + R"(,"a":)" + f32(0, 4) + "}",
                          "abcd"));
@@ -388,7 +384,7 @@ TEST_F(SafetensorsTest, OpenReportsMissingFile) {
 TEST_F(SafetensorsTest, AtomicWriteReplacesAndLeavesNoTempFile) {
   write_bytes_atomic(file("f.bin"), "first", 5);
   write_bytes_atomic(file("f.bin"), "second", 6);
-  EXPECT_EQ(read_file(file("f.bin")), "second");
+  EXPECT_EQ(read_bytes(file("f.bin")), "second");
   EXPECT_EQ(dir_entries(), std::vector<std::string>{"f.bin"});
 
   // Larger than the stream buffer, written in both small and large pieces.
@@ -399,18 +395,18 @@ TEST_F(SafetensorsTest, AtomicWriteReplacesAndLeavesNoTempFile) {
     os.write(big.data() + 10, static_cast<std::streamsize>(big.size() - 20));
     for (size_t i = big.size() - 10; i < big.size(); ++i) os.put(big[i]);
   });
-  EXPECT_EQ(read_file(file("big.bin")), big);
+  EXPECT_EQ(read_bytes(file("big.bin")), big);
 }
 
 TEST_F(SafetensorsTest, FailedAtomicWriteKeepsDestinationAndCleansUp) {
-  write_file(file("keep.bin"), "old contents");
+  write_bytes(file("keep.bin"), "old contents");
   EXPECT_THROW(write_file_atomic(file("keep.bin"),
                                  [](std::ostream& os) {
                                    os << "partial new contents";
                                    throw std::runtime_error("writer failed");
                                  }),
                std::runtime_error);
-  EXPECT_EQ(read_file(file("keep.bin")), "old contents");
+  EXPECT_EQ(read_bytes(file("keep.bin")), "old contents");
   EXPECT_EQ(dir_entries(), std::vector<std::string>{"keep.bin"});
 
   const std::string missing_dir = file("no/such/dir/f.bin");
@@ -420,12 +416,12 @@ TEST_F(SafetensorsTest, FailedAtomicWriteKeepsDestinationAndCleansUp) {
 }
 
 TEST_F(SafetensorsTest, MappedFileHandlesEmptyFilesAndDirectories) {
-  write_file(file("empty"), "");
+  write_bytes(file("empty"), "");
   const MappedFile empty(file("empty"));
   EXPECT_EQ(empty.size(), 0u);
   EXPECT_EQ(empty.data(), nullptr);
 
-  write_file(file("small"), "abc");
+  write_bytes(file("small"), "abc");
   const auto small = std::make_shared<const MappedFile>(file("small"));
   EXPECT_EQ(std::string(reinterpret_cast<const char*>(small->data()), small->size()), "abc");
   EXPECT_EQ(small->path(), file("small"));
@@ -441,7 +437,7 @@ class ShardedSafetensorsTest : public SafetensorsTest {
     save_safetensors(file("model-00001-of-00002.safetensors"),
                      NamedTensors{{"a", a_}, {"b", b_}, {"unmapped", at::zeros({1})}});
     save_safetensors(file("model-00002-of-00002.safetensors"), NamedTensors{{"c", c_}});
-    write_file(file("model.safetensors.index.json"), index_json);
+    write_bytes(file("model.safetensors.index.json"), index_json);
   }
 
   static std::string index(const std::string& weight_map) {

@@ -27,6 +27,9 @@
 namespace qlora::io {
 namespace {
 
+using test::read_bytes;
+using test::write_bytes;
+
 using models::LlamaConfig;
 using models::LlamaForCausalLM;
 using models::load_qnat;
@@ -118,13 +121,6 @@ at::Tensor logits(LlamaForCausalLM& m) {
   return m->forward(ids);
 }
 
-std::string read_all(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
-void write_all(const std::string& path, const std::string& bytes) {
-  std::ofstream(path, std::ios::binary | std::ios::trunc) << bytes;
-}
 
 TEST(Qnat, ChecksumIsXxh64) {
   EXPECT_EQ(qnat_checksum("", 0), 0xEF46DB3751D8E999ULL);
@@ -184,7 +180,7 @@ TEST(Qnat, RoundTripIsBitExact) {
     LlamaForCausalLM c = load_qnat(path, copy);
     EXPECT_EQ(diff(m, c), "");
     save_qnat(dir.path() + "/again.qnat", l, meta);
-    EXPECT_EQ(read_all(path), read_all(dir.path() + "/again.qnat"));
+    EXPECT_EQ(read_bytes(path), read_bytes(dir.path() + "/again.qnat"));
     std::remove((dir.path() + "/again.qnat").c_str());
     std::remove(path.c_str());
   }
@@ -255,7 +251,7 @@ class QnatErrors : public ::testing::Test {
     bad = dir.path() + "/bad.qnat";
     model = tiny_qlora();
     save_qnat(path, model);
-    bytes = read_all(path);
+    bytes = read_bytes(path);
   }
   void TearDown() override {
     std::remove(path.c_str());
@@ -269,25 +265,25 @@ class QnatErrors : public ::testing::Test {
 TEST_F(QnatErrors, Header) {
   std::string b = bytes;
   b[0] = 'X';
-  write_all(bad, b);
+  write_bytes(bad, b);
   expect_error([&] { QnatFile::open(bad); }, "QNAT file " + bad + ": not a QNAT file");
 
   b = bytes;
   b[4] = 2;
-  write_all(bad, b);
+  write_bytes(bad, b);
   expect_error([&] { load_qnat(bad); }, "unsupported QNAT version 2");
 
   b = bytes;
   b[8] |= 2;
-  write_all(bad, b);
+  write_bytes(bad, b);
   expect_error([&] { load_qnat(bad); }, "unknown flags 0x2");
 
   b = bytes;
   b[25] ^= 0x10;  // inside the metadata JSON
-  write_all(bad, b);
+  write_bytes(bad, b);
   expect_error([&] { load_qnat(bad); }, "header checksum mismatch");
 
-  write_all(bad, "");
+  write_bytes(bad, "");
   expect_error([&] { load_qnat(bad); }, "truncated");
   expect_error([&] { load_qnat(dir.path() + "/nope.qnat"); }, "nope.qnat");
 }
@@ -296,7 +292,7 @@ TEST_F(QnatErrors, BadChecksumNamesTheTensor) {
   const QnatTensor t = QnatFile::open(path).info("model.layers.1.mlp.up_proj.weight");
   std::string b = bytes;
   b[t.offset + 3] ^= 0x01;
-  write_all(bad, b);
+  write_bytes(bad, b);
   expect_error(
       [&] { load_qnat(bad); },
       "QNAT file " + bad + ": tensor \"model.layers.1.mlp.up_proj.weight\": checksum mismatch");
@@ -308,9 +304,9 @@ TEST_F(QnatErrors, BadChecksumNamesTheTensor) {
 }
 
 TEST_F(QnatErrors, Truncated) {
-  write_all(bad, bytes.substr(0, bytes.size() - 1));
+  write_bytes(bad, bytes.substr(0, bytes.size() - 1));
   expect_error([&] { load_qnat(bad); }, "run past the end of the file");
-  write_all(bad, bytes.substr(0, 30));
+  write_bytes(bad, bytes.substr(0, 30));
   expect_error([&] { load_qnat(bad); }, "truncated");
 }
 
@@ -321,7 +317,7 @@ TEST_F(QnatErrors, RandomCorruptionNeverCrashes) {
   const std::map<std::string, at::Tensor> ref = state(model);
   int loaded = 0, failed = 0;
   auto attempt = [&](const std::string& b, const std::string& what) {
-    write_all(bad, b);
+    write_bytes(bad, b);
     try {
       LlamaForCausalLM l = load_qnat(bad);
       EXPECT_EQ(diff(model, l), "") << what;
@@ -392,7 +388,7 @@ TEST_F(QnatErrors, CraftedHeadersNeverCrash) {
     b[at] = static_cast<char>(b[at] ^ (1u << (rng() % 8)));
     const uint64_t sum = qnat_checksum(b.data(), header_end);
     std::memcpy(b.data() + header_end, &sum, 8);
-    write_all(bad, b);
+    write_bytes(bad, b);
     try {
       LlamaForCausalLM l = load_qnat(bad);
       ++loaded;

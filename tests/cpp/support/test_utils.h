@@ -8,12 +8,23 @@
 
 #include <cstdio>
 #include <fstream>
+#include <iterator>
 #include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
 
 namespace qlora::test {
+
+// A whole file's bytes ("" if it cannot be read: the assertion that follows says what differs).
+inline std::string read_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+// Replaces a file's bytes (fixtures and corruption tests; not atomic on purpose).
+inline void write_bytes(const std::string& path, const std::string& bytes) {
+  std::ofstream(path, std::ios::binary | std::ios::trunc) << bytes;
+}
 
 // Runs f and checks that it throws an exception whose message contains
 // `expected` (the test of an error is the message a user will read).
