@@ -14,6 +14,7 @@
 
 #include "io/ggml_dequant.h"
 #include "qlora/io/atomic_file.h"
+#include "util/byte_cursor.h"
 #include "util/strings.h"
 
 // The format is little-endian and values are copied out verbatim.
@@ -117,61 +118,34 @@ std::string dequantizable_type_names() {
   return out;
 }
 
-// Reads the file front to back. Every read checks the bytes left first;
-// `what` (a callable returning a description) is only evaluated to build
-// the error message.
-class Cursor {
+// Where the shared cursor's errors go: GgufError naming the file.
+struct FailIn {
+  const std::string* path;
+  [[noreturn]] void operator()(const std::string& message) const { fail(*path, message); }
+};
+
+// Reads the file front to back on the shared bounds-checked cursor; `what`
+// (a callable returning a description) is only evaluated to build the error
+// message. GGUF strings carry a u64 length.
+class Cursor : public util::ByteCursor<FailIn> {
  public:
   explicit Cursor(const MappedFile& file)
-      : data_(file.data()), size_(file.size()), path_(file.path()) {}
+      : ByteCursor(file.data(), file.size(), FailIn{&file.path()}), path_(file.path()) {}
 
-  uint64_t pos() const { return pos_; }
-  uint64_t remaining() const { return size_ - pos_; }
   const std::string& path() const { return path_; }
-
-  template <typename What>
-  void need(uint64_t n, const What& what) const {
-    if (n > remaining()) {
-      fail(path_, "truncated file: " + what() + " needs " + std::to_string(n) +
-                      " bytes at offset " + std::to_string(pos_) + ", but only " +
-                      std::to_string(remaining()) + " remain");
-    }
-  }
-
-  template <typename T, typename What>
-  T read(const What& what) {
-    need(sizeof(T), what);
-    T v;
-    std::memcpy(&v, data_ + pos_, sizeof(T));
-    pos_ += sizeof(T);
-    return v;
-  }
-
-  // Copies n bytes; the caller has bounded n by remaining().
-  template <typename What>
-  void read_bytes(uint64_t n, uint8_t* out, const What& what) {
-    need(n, what);
-    if (n > 0) std::memcpy(out, data_ + pos_, n);
-    pos_ += n;
-  }
 
   template <typename What>
   std::string read_string(const What& what) {
     const uint64_t n = read<uint64_t>([&] { return what() + " length"; });
     if (n > remaining()) {
       fail(path_, what() + " has length " + std::to_string(n) + " at offset " +
-                      std::to_string(pos_ - 8) + ", more than the " + std::to_string(remaining()) +
-                      " bytes left in the file");
+                      std::to_string(pos() - 8) + ", more than the " +
+                      std::to_string(remaining()) + " bytes left in the file");
     }
-    std::string s(reinterpret_cast<const char*>(data_ + pos_), n);
-    pos_ += n;
-    return s;
+    return ByteCursor::read_string(n, what);
   }
 
  private:
-  const uint8_t* data_;
-  uint64_t size_;
-  uint64_t pos_ = 0;
   const std::string& path_;
 };
 
