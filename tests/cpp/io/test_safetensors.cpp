@@ -18,6 +18,7 @@
 
 #include "qlora/io/atomic_file.h"
 #include "qlora/io/safetensors.h"
+#include "test_utils.h"
 
 namespace qlora::io {
 namespace {
