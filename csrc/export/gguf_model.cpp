@@ -6,14 +6,15 @@
 #include <cmath>
 #include <fstream>
 #include <map>
-#include <nlohmann/json.hpp>
-#include <sstream>
+#include <optional>
 
 #include "qlora/io/gguf.h"
-#include "qlora/models/gguf_qk_permutation.h"
 #include "qlora/io/gguf_writer.h"
+#include "qlora/models/gguf_qk_permutation.h"
 #include "qlora/nn/apply_lora.h"
 #include "qlora/nn/lora_layer.h"
+#include "tokenizers/tokenizer_json.h"
+#include "util/strings.h"
 
 namespace qlora::models {
 
@@ -21,7 +22,7 @@ namespace {
 
 using io::GgmlType;
 using io::GgufError;
-using json = nlohmann::json;
+using util::ends_with;
 
 const std::map<std::string, std::string>& layer_suffixes() {
   static const std::map<std::string, std::string> m = {
@@ -36,11 +37,6 @@ const std::map<std::string, std::string>& layer_suffixes() {
       {"mlp.down_proj.weight", "ffn_down.weight"},
   };
   return m;
-}
-
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() &&
-         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 // Refuses what llama.cpp's "llama" architecture cannot express.
@@ -118,34 +114,7 @@ GgmlType parse_outtype(const std::string& outtype, uint32_t* file_type) {
                   "' (expected f32, f16, bf16, q8_0 or q4_0)");
 }
 
-std::string read_text(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw GgufError("GGUF export: cannot read " + path);
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
 bool file_exists(const std::string& path) { return std::ifstream(path).good(); }
-
-json parse_json(const std::string& path) {
-  try {
-    return json::parse(read_text(path));
-  } catch (const json::exception& e) {
-    throw GgufError("GGUF export: " + path + ": invalid JSON: " + e.what());
-  }
-}
-
-// tokenizer_config.json's bos_token etc.: a string or {"content": ...}.
-std::optional<std::string> config_token(const json& cfg, const char* key) {
-  auto it = cfg.find(key);
-  if (it == cfg.end() || it->is_null()) return std::nullopt;
-  if (it->is_string()) return it->get<std::string>();
-  if (it->is_object() && it->contains("content") && (*it)["content"].is_string()) {
-    return (*it)["content"].get<std::string>();
-  }
-  return std::nullopt;
-}
 
 void add_tokenizer_from_gguf(io::GgufWriter& w, const std::string& path, int64_t vocab_size) {
   const io::GgufReader r = io::GgufReader::open(path);
@@ -164,55 +133,34 @@ void add_tokenizer_from_gguf(io::GgufWriter& w, const std::string& path, int64_t
   }
 }
 
+// tokenizer.json (and tokenizer_config.json beside it) as read by the tokenizers.
 void add_tokenizer_from_json(io::GgufWriter& w, const std::string& dir, const LlamaConfig& config) {
   const std::string tok_path = dir + "/tokenizer.json";
-  const json tok = parse_json(tok_path);
-  const json& model = tok.at("model");
-  if (model.value("type", "") != "BPE") {
-    throw GgufError("GGUF export: " + tok_path + ": model type '" + model.value("type", "") +
+  const tokenizers::TokenizerJsonVocab tok = tokenizers::read_tokenizer_json_vocab(tok_path);
+  if (tok.model_type != "BPE") {
+    throw GgufError("GGUF export: " + tok_path + ": model type '" + tok.model_type +
                     "' is not supported (byte-level BPE only)");
   }
-  std::map<int64_t, std::string> by_id;
-  for (const auto& [token, id] : model.at("vocab").items()) by_id[id.get<int64_t>()] = token;
-  std::map<int64_t, bool> special;  // added tokens: id -> special
-  if (tok.contains("added_tokens")) {
-    for (const json& t : tok["added_tokens"]) {
-      const int64_t id = t.at("id").get<int64_t>();
-      by_id[id] = t.at("content").get<std::string>();
-      special[id] = t.value("special", false);
-    }
-  }
-  const int64_t n = by_id.empty() ? 0 : by_id.rbegin()->first + 1;
+  const int64_t n = tok.tokens.empty() ? 0 : int64_t{tok.tokens.rbegin()->first} + 1;
   if (n > config.vocab_size) {
     throw GgufError("GGUF export: " + tok_path + " has ids up to " + std::to_string(n - 1) +
                     " but the model's vocab_size is " + std::to_string(config.vocab_size));
   }
   std::vector<std::string> tokens(static_cast<size_t>(config.vocab_size));
   std::vector<int32_t> types(static_cast<size_t>(config.vocab_size), 5);  // UNUSED padding
-  std::map<std::string, int64_t> ids;
   for (int64_t i = 0; i < config.vocab_size; ++i) {
-    auto it = by_id.find(i);
-    if (it == by_id.end()) {
+    auto it = tok.tokens.find(static_cast<int32_t>(i));
+    if (it == tok.tokens.end()) {
       tokens[i] = "[PAD" + std::to_string(i) + "]";
       continue;
     }
     tokens[i] = it->second;
-    ids.emplace(it->second, i);
-    auto s = special.find(i);
-    types[i] = (s != special.end() && s->second) ? 3 : 1;
+    auto s = tok.added_special.find(static_cast<int32_t>(i));
+    types[i] = (s != tok.added_special.end() && s->second) ? 3 : 1;
   }
   std::vector<std::string> merges;
-  for (const json& m : model.at("merges")) {
-    if (m.is_string()) {
-      merges.push_back(m.get<std::string>());
-    } else if (m.is_array() && m.size() == 2) {
-      merges.push_back(m[0].get<std::string>() + " " + m[1].get<std::string>());
-    } else {
-      throw GgufError("GGUF export: " + tok_path + ": unreadable merge " + m.dump());
-    }
-  }
-  json cfg = json::object();
-  if (file_exists(dir + "/tokenizer_config.json")) cfg = parse_json(dir + "/tokenizer_config.json");
+  merges.reserve(tok.merges.size());
+  for (const auto& [left, right] : tok.merges) merges.push_back(left + " " + right);
 
   w.add_string("tokenizer.ggml.model", "gpt2");
   w.add_string("tokenizer.ggml.pre", "default");
@@ -220,44 +168,26 @@ void add_tokenizer_from_json(io::GgufWriter& w, const std::string& dir, const Ll
   w.add_i32_array("tokenizer.ggml.token_type", types);
   w.add_string_array("tokenizer.ggml.merges", merges);
 
-  auto id_of = [&](const char* key, std::optional<int64_t> fallback) -> std::optional<int64_t> {
-    if (auto t = config_token(cfg, key)) {
-      auto it = ids.find(*t);
-      if (it != ids.end()) return it->second;
-    }
+  // tokenizer_config.json's token, else config.json's id.
+  const auto id_or = [](std::optional<int32_t> id,
+                        std::optional<int64_t> fallback) -> std::optional<int64_t> {
+    if (id) return *id;
     return fallback;
   };
-  std::optional<int64_t> unk;
-  if (model.contains("unk_token") && model["unk_token"].is_string()) {
-    auto it = ids.find(model["unk_token"].get<std::string>());
-    if (it != ids.end()) unk = it->second;
-  }
   const auto put_id = [&](const char* key, std::optional<int64_t> id) {
     if (id && *id >= 0 && *id < config.vocab_size) w.add_u32(key, static_cast<uint32_t>(*id));
   };
-  put_id("tokenizer.ggml.bos_token_id", id_of("bos_token", config.bos_token_id));
+  put_id("tokenizer.ggml.bos_token_id", id_or(tok.bos_id, config.bos_token_id));
   put_id("tokenizer.ggml.eos_token_id",
-         id_of("eos_token", config.eos_token_ids.empty()
-                                ? std::nullopt
-                                : std::optional<int64_t>(config.eos_token_ids[0])));
-  put_id("tokenizer.ggml.unknown_token_id", id_of("unk_token", unk));
-  put_id("tokenizer.ggml.padding_token_id", id_of("pad_token", config.pad_token_id));
+         id_or(tok.eos_id, config.eos_token_ids.empty()
+                               ? std::nullopt
+                               : std::optional<int64_t>(config.eos_token_ids[0])));
+  put_id("tokenizer.ggml.unknown_token_id", id_or(tok.unk_id, std::nullopt));
+  put_id("tokenizer.ggml.padding_token_id", id_or(tok.pad_id, config.pad_token_id));
 
-  bool add_bos = false;
-  if (cfg.contains("add_bos_token") && cfg["add_bos_token"].is_boolean()) {
-    add_bos = cfg["add_bos_token"].get<bool>();
-  } else if (tok.contains("post_processor") && tok["post_processor"].is_object() &&
-             tok["post_processor"].value("type", "") == "TemplateProcessing") {
-    const json& single = tok["post_processor"]["single"];
-    add_bos = single.is_array() && !single.empty() && single[0].contains("SpecialToken");
-  }
-  w.add_bool("tokenizer.ggml.add_bos_token", add_bos);
-  if (cfg.contains("add_eos_token") && cfg["add_eos_token"].is_boolean()) {
-    w.add_bool("tokenizer.ggml.add_eos_token", cfg["add_eos_token"].get<bool>());
-  }
-  if (cfg.contains("chat_template") && cfg["chat_template"].is_string()) {
-    w.add_string("tokenizer.chat_template", cfg["chat_template"].get<std::string>());
-  }
+  w.add_bool("tokenizer.ggml.add_bos_token", tok.add_bos);
+  if (tok.add_eos) w.add_bool("tokenizer.ggml.add_eos_token", *tok.add_eos);
+  if (tok.chat_template) w.add_string("tokenizer.chat_template", *tok.chat_template);
 }
 
 // llama3 rope scaling as llama.cpp's rope_freqs.weight: default inv_freq /

@@ -1,26 +1,17 @@
-#include <sys/stat.h>
-
+// Which tokenizer a path holds (a GGUF file, tokenizer.json, tokenizer.model or a model folder),
+// and a GGUF file's vocabulary as a VocabSpec.
 #include "qlora/io/gguf.h"
 #include "qlora/tokenizers/tokenizer.h"
+#include "util/fs.h"
+#include "util/strings.h"
 
 namespace qlora::tokenizers {
 
 namespace {
 
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() &&
-         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
-bool is_file(const std::string& p) {
-  struct stat st {};
-  return stat(p.c_str(), &st) == 0 && S_ISREG(st.st_mode);
-}
-
-bool is_dir(const std::string& p) {
-  struct stat st {};
-  return stat(p.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
-}
+using fs::is_dir;
+using fs::is_file;
+using util::ends_with;
 
 std::optional<int32_t> optional_id(const io::GgufReader& r, const char* key) {
   if (!r.has(key)) return std::nullopt;

@@ -24,8 +24,12 @@
 #include <unordered_set>
 #include <utility>
 
+#include "qlora/tokenizers/tokenizer.h"
+#include "tokenizers/added_vocabulary.h"
+#include "tokenizers/gguf_vocab.h"
 #include "tokenizers/spm_model_proto.h"
-#include "tokenizers/tokenizer_internal.h"
+#include "tokenizers/tokenizer_config.h"
+#include "tokenizers/unicode.h"
 
 namespace qlora::tokenizers {
 namespace {

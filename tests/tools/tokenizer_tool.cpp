@@ -23,16 +23,14 @@
 #include <vector>
 
 #include "qlora/tokenizers/tokenizer.h"
+#include "util/strings.h"
 
 namespace {
 
 namespace tk = qlora::tokenizers;
 using nlohmann::json;
 
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() &&
-         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
+using qlora::util::ends_with;
 
 std::optional<int32_t> optional_id(const json& j, const char* key) {
   if (!j.contains(key) || j[key].is_null()) return std::nullopt;

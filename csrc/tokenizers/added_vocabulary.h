@@ -1,6 +1,6 @@
-// Pieces shared by the byte-level BPE and the SentencePiece tokenizers: UTF-8 handling, the
-// Unicode properties Hugging Face tokenizers uses, and added-token matching.
-// (Defined in byte_level_bpe.cpp.)
+// Added tokens (tokenizer.json's "added_tokens", a GGUF vocabulary's control tokens): found in
+// the raw text before any other stage, as Hugging Face's AddedVocabulary finds them. Shared by
+// the byte-level BPE and the SentencePiece tokenizers.
 #pragma once
 
 #include <cstddef>
@@ -14,24 +14,7 @@
 #include <unordered_set>
 #include <vector>
 
-#include "qlora/tokenizers/tokenizer.h"
-
 namespace qlora::tokenizers::detail {
-
-// ---- UTF-8 ----
-
-// Decodes the code point at s[i] of valid UTF-8 and returns its byte length.
-size_t utf8_decode(std::string_view s, size_t i, char32_t* cp);
-void utf8_append(std::string& out, char32_t cp);
-// Each maximal invalid subsequence becomes U+FFFD, as Rust's String::from_utf8_lossy and
-// Python's bytes.decode(errors="replace") do; valid input is returned unchanged.
-std::string utf8_lossy(std::string_view bytes);
-bool utf8_valid(std::string_view bytes);
-
-// Unicode White_Space, what Rust's char::is_whitespace and regex \s match.
-bool is_white_space(char32_t cp);
-
-// ---- Added tokens ----
 
 // A token matched in the raw text before any other processing, as tokenizer.json's
 // "added_tokens" describe them.
@@ -92,22 +75,5 @@ class AddedVocabulary {
   std::unique_ptr<Trie> raw_trie_;
   std::unique_ptr<Trie> normalized_trie_;
 };
-
-// ---- tokenizer_config.json ----
-
-// The parts of transformers' tokenizer_config.json that change what encode() does or reports.
-struct TokenizerConfig {
-  std::optional<std::string> bos, eos, pad, unk;
-  // add_bos_token / add_eos_token, when present (used for tokenizer.model only).
-  std::optional<bool> add_bos, add_eos;
-};
-
-// Reads the tokenizer_config.json in the directory of `tokenizer_file`, if there is one.
-std::optional<TokenizerConfig> read_tokenizer_config(const std::string& tokenizer_file);
-
-// ---- Factories of the two families (tokenizer_from_vocab dispatches on spec.model) ----
-
-std::unique_ptr<Tokenizer> byte_level_from_vocab(const VocabSpec& spec);
-std::unique_ptr<Tokenizer> sentencepiece_from_vocab(const VocabSpec& spec);
 
 }  // namespace qlora::tokenizers::detail
