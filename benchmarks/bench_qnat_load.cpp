@@ -11,8 +11,8 @@
 #include <cstdlib>
 #include <string>
 
-#include "qlora/models/qnat.h"
 #include "qlora/models/loader.h"
+#include "qlora/models/qnat.h"
 
 namespace {
 

@@ -13,9 +13,9 @@
 #include <string>
 #include <vector>
 
+#include "autograd/matmul_4bit_autograd.h"
 #include "ops/dense_linear.h"
 #include "ops/matmul_4bit_composite.h"
-#include "autograd/matmul_4bit_autograd.h"
 #include "qlora/ops.h"
 
 namespace qlora {

@@ -11,8 +11,8 @@
 #include <vector>
 
 #include "common/quant_math.h"
-#include "ops/checks.h"
 #include "cpu/cpu_utils.h"
+#include "ops/checks.h"
 
 namespace qlora::cpu {
 namespace {

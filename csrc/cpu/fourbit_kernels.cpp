@@ -9,11 +9,11 @@
 #include <algorithm>
 #include <vector>
 
-#include "ops/code_tables.h"
-#include "ops/checks.h"
 #include "cpu/cpu_utils.h"
 #include "cpu/dequant_range.h"
 #include "cpu/isa_kernels.h"
+#include "ops/checks.h"
+#include "ops/code_tables.h"
 
 namespace qlora::cpu {
 namespace {

@@ -11,10 +11,10 @@
 #include <cstring>
 #include <vector>
 
-#include "ops/checks.h"
 #include "cpu/cpu_utils.h"
 #include "cpu/dequant_range.h"
 #include "cpu/isa_kernels.h"
+#include "ops/checks.h"
 
 namespace qlora::cpu {
 namespace {

@@ -16,13 +16,13 @@
 #include <type_traits>
 #include <vector>
 
-#include "ops/code_tables.h"
-#include "ops/checks.h"
-#include "ops/matmul_4bit_composite.h"
 #include "cpu/cpu_utils.h"
 #include "cpu/dequant_range.h"
 #include "cpu/onednn_linear.h"
+#include "ops/checks.h"
+#include "ops/code_tables.h"
 #include "ops/dense_linear.h"
+#include "ops/matmul_4bit_composite.h"
 #include "qlora/ops.h"
 
 namespace qlora::cpu {

@@ -110,8 +110,8 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w) {
 }
 
 at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& w) {
-  if (x.numel() == 0 || w.dim() != 2 ||
-      x.scalar_type() != w.scalar_type() || x.size(-1) != w.size(1))
+  if (x.numel() == 0 || w.dim() != 2 || x.scalar_type() != w.scalar_type() ||
+      x.size(-1) != w.size(1))
     return at::linear(x, w);
   switch (x.scalar_type()) {
     case at::kFloat:

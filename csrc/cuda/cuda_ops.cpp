@@ -12,9 +12,9 @@
 #include <limits>
 #include <vector>
 
+#include "cuda/launchers.h"
 #include "ops/checks.h"
 #include "ops/matmul_4bit_composite.h"
-#include "cuda/launchers.h"
 
 namespace qlora::cuda {
 namespace {

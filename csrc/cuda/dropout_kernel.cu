@@ -19,8 +19,8 @@ __global__ void hash_dropout_kernel(const T* __restrict__ in, T* __restrict__ ou
 
 }  // namespace
 
-cudaError_t hash_dropout(const void* in, Dtype dtype, int64_t n, uint64_t seed, double p,
-                         void* out, cudaStream_t stream) {
+cudaError_t hash_dropout(const void* in, Dtype dtype, int64_t n, uint64_t seed, double p, void* out,
+                         cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   const detail::DropoutKey key = detail::dropout_key(seed, p);
   return dispatch_dtype(dtype, [&](auto tag) {

@@ -36,7 +36,7 @@ cudaError_t gemv_4bit(const void* A, Dtype dtype, int64_t M, int64_t N, int64_t 
 
 // out[i] = in[i] * 1 / (1 - p) where the (seed, i) hash keeps element i,
 // else 0 (common/dropout_hash.h).
-cudaError_t hash_dropout(const void* in, Dtype dtype, int64_t n, uint64_t seed, double p,
-                         void* out, cudaStream_t stream);
+cudaError_t hash_dropout(const void* in, Dtype dtype, int64_t n, uint64_t seed, double p, void* out,
+                         cudaStream_t stream);
 
 }  // namespace qlora::cuda

@@ -158,19 +158,19 @@ bool chat_record_from_json(const json& value, int64_t line, IssueSink& sink, Rec
 ReadResult parse_alpaca_json(std::string_view content, const std::string& name,
                              Strictness strictness) {
   return detail::read_json_records(content, name, strictness, detail::for_each_array_record,
-                                     detail::alpaca_record_from_json);
+                                   detail::alpaca_record_from_json);
 }
 
 ReadResult parse_alpaca_jsonl(std::string_view content, const std::string& name,
                               Strictness strictness) {
   return detail::read_json_records(content, name, strictness, detail::for_each_line_record,
-                                     detail::alpaca_record_from_json);
+                                   detail::alpaca_record_from_json);
 }
 
 ReadResult parse_chat_jsonl(std::string_view content, const std::string& name,
                             Strictness strictness) {
   return detail::read_json_records(content, name, strictness, detail::for_each_line_record,
-                                     detail::chat_record_from_json);
+                                   detail::chat_record_from_json);
 }
 
 ReadResult read_alpaca_json(const std::string& path, Strictness strictness) {

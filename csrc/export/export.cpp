@@ -55,8 +55,7 @@ void export_model(const Source& source, const Request& request) {
       nn::save_peft_adapter(request.out, *model, source.lora, {source.base_model});
       return;
     case Format::kHfFolder:
-      save_hf_merged_folder(model, request.out, hf_dtype(request.outtype),
-                                    source.tokenizer_source);
+      save_hf_merged_folder(model, request.out, hf_dtype(request.outtype), source.tokenizer_source);
       return;
     case Format::kGgufMerged:
       models::export_gguf_merged(model, source.tokenizer_source, request.out, request.outtype);

@@ -4,12 +4,12 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 
-#include "util/fs.h"
 #include "qlora/io/atomic_file.h"
 #include "qlora/io/safetensors.h"
 #include "qlora/nn/apply_lora.h"
 #include "qlora/nn/lora_layer.h"
 #include "qlora/nn/qlora_linear.h"
+#include "util/fs.h"
 
 namespace qlora::exporters {
 

@@ -139,8 +139,8 @@ class Cursor : public util::ByteCursor<FailIn> {
     const uint64_t n = read<uint64_t>([&] { return what() + " length"; });
     if (n > remaining()) {
       fail(path_, what() + " has length " + std::to_string(n) + " at offset " +
-                      std::to_string(pos() - 8) + ", more than the " +
-                      std::to_string(remaining()) + " bytes left in the file");
+                      std::to_string(pos() - 8) + ", more than the " + std::to_string(remaining()) +
+                      " bytes left in the file");
     }
     return ByteCursor::read_string(n, what);
   }

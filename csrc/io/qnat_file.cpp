@@ -55,7 +55,6 @@ const char* qnat_dtype_name(QnatDtype dtype) {
   return "?";
 }
 
-
 namespace {
 
 struct DtypeRow {
@@ -373,11 +372,11 @@ QnatFile QnatFile::open(const std::string& path, bool verify_checksums) {
   return f;
 }
 
-
 // ---- writing -------------------------------------------------------------------
 
 void QnatWriter::push(QnatTensor info, const at::Tensor& tensor) {
-  if (index_.count(info.name)) throw QnatError("QNAT writer: tensor \"" + info.name + "\" added twice");
+  if (index_.count(info.name))
+    throw QnatError("QNAT writer: tensor \"" + info.name + "\" added twice");
   Pending p;
   p.data = tensor.detach().to(at::kCPU).contiguous();
   info.nbytes = p.data.nbytes();
@@ -402,8 +401,8 @@ void QnatWriter::add(const std::string& name, const at::Tensor& tensor) {
 void QnatWriter::add_packed(const std::string& name, const at::Tensor& packed, QnatDtype dtype,
                             const std::vector<int64_t>& logical_shape,
                             const std::string& quant_state) {
-  TORCH_CHECK(dtype == QnatDtype::kNF4 || dtype == QnatDtype::kFP4, "QNAT writer: tensor \"",
-              name, "\": add_packed takes nf4 or fp4");
+  TORCH_CHECK(dtype == QnatDtype::kNF4 || dtype == QnatDtype::kFP4, "QNAT writer: tensor \"", name,
+              "\": add_packed takes nf4 or fp4");
   QnatTensor info;
   info.name = name;
   info.dtype = dtype;

@@ -12,14 +12,17 @@ namespace {
 
 void check_qk_rows(const at::Tensor& w, int64_t n_head, const char* fn) {
   if (!w.defined() || w.dim() < 1) {
-    throw std::invalid_argument(std::string(fn) + ": expected a tensor with at least one dimension");
+    throw std::invalid_argument(std::string(fn) +
+                                ": expected a tensor with at least one dimension");
   }
   if (n_head <= 0) {
-    throw std::invalid_argument(std::string(fn) + ": n_head must be positive, got " + std::to_string(n_head));
+    throw std::invalid_argument(std::string(fn) + ": n_head must be positive, got " +
+                                std::to_string(n_head));
   }
   if (w.size(0) % (2 * n_head) != 0) {
-    throw std::invalid_argument(std::string(fn) + ": dim 0 has " + std::to_string(w.size(0)) +
-                    " rows, not a multiple of 2 * n_head = " + std::to_string(2 * n_head));
+    throw std::invalid_argument(
+        std::string(fn) + ": dim 0 has " + std::to_string(w.size(0)) +
+        " rows, not a multiple of 2 * n_head = " + std::to_string(2 * n_head));
   }
 }
 

@@ -11,8 +11,8 @@
 #include <sstream>
 
 #include "qlora/io/gguf.h"
-#include "qlora/models/gguf_qk_permutation.h"
 #include "qlora/io/safetensors.h"
+#include "qlora/models/gguf_qk_permutation.h"
 #include "qlora/nn/lora_linear.h"
 #include "qlora/nn/qlora_linear.h"
 #include "qlora/quant_state.h"

@@ -90,11 +90,12 @@ void save_qnat(const std::string& path, models::LlamaForCausalLMImpl& model,
   meta["lora"] = metadata.lora ? nn::detail::lora_config_to_json(*metadata.lora) : json();
   if (metadata.quantization) {
     const auto& q = metadata.quantization->quant;
-    meta["quantization"] = {{"blocksize", q.blocksize},
-                            {"quant_type", q.quant_type},
-                            {"double_quant", q.double_quant},
-                            {"storage", io::qnat_scalar_name(q.storage)},
-                            {"compute_dtype", io::qnat_scalar_name(metadata.quantization->compute_dtype)}};
+    meta["quantization"] = {
+        {"blocksize", q.blocksize},
+        {"quant_type", q.quant_type},
+        {"double_quant", q.double_quant},
+        {"storage", io::qnat_scalar_name(q.storage)},
+        {"compute_dtype", io::qnat_scalar_name(metadata.quantization->compute_dtype)}};
   } else {
     meta["quantization"] = json();
   }
@@ -105,7 +106,8 @@ void save_qnat(const std::string& path, models::LlamaForCausalLMImpl& model,
     } catch (const json::exception& e) {
       throw io::QnatError("save_qnat " + path + ": extra_json is not valid JSON: " + e.what());
     }
-    if (!extra.is_object()) throw io::QnatError("save_qnat " + path + ": extra_json must be an object");
+    if (!extra.is_object())
+      throw io::QnatError("save_qnat " + path + ": extra_json must be an object");
     meta["extra"] = extra;
   }
 
@@ -142,7 +144,7 @@ void save_qnat(const std::string& path, models::LlamaForCausalLMImpl& model,
       m["type"] = "lora";
     } else {
       throw io::QnatError("save_qnat " + path + ": module \"" + name +
-                      "\" is a LoRA layer of an unknown kind");
+                          "\" is a LoRA layer of an unknown kind");
     }
     modules[name] = m;
   }
@@ -226,8 +228,8 @@ class QnatWeights : public LlamaWeightSource {
     s.shape = st.at("shape").get<std::vector<int64_t>>();
     if (s.shape != std::vector<int64_t>{out, in})
       fail_tensor(file_.path(), w,
-                  "4-bit weight has shape " + util::shape_str(s.shape) + " but the model config needs " +
-                      util::shape_str({out, in}));
+                  "4-bit weight has shape " + util::shape_str(s.shape) +
+                      " but the model config needs " + util::shape_str({out, in}));
     s.quant_type = st.at("quant_type").get<std::string>();
     s.blocksize = st.at("blocksize").get<int64_t>();
     s.dtype = *io::qnat_scalar_from_name(st.at("dtype").get<std::string>());
@@ -271,8 +273,9 @@ class QnatWeights : public LlamaWeightSource {
                   "has shape " + util::shape_str(t.sizes().vec()) + " but the model config needs " +
                       util::shape_str(shape.vec()));
     if (!t.is_floating_point())
-      fail_tensor(file_.path(), name,
-                  "is " + io::qnat_scalar_name(t.scalar_type()) + ", expected a floating-point tensor");
+      fail_tensor(
+          file_.path(), name,
+          "is " + io::qnat_scalar_name(t.scalar_type()) + ", expected a floating-point tensor");
     return t;
   }
 
@@ -285,7 +288,7 @@ class QnatWeights : public LlamaWeightSource {
 }  // namespace
 
 LlamaForCausalLM load_qnat(const std::string& path, const QnatLoadOptions& options,
-                                   QnatMetadata* metadata) {
+                           QnatMetadata* metadata) {
   const io::QnatFile file = io::QnatFile::open(path, options.verify_checksums);
   const json meta = json::parse(file.metadata_json());
   std::optional<LlamaForCausalLM> model;
@@ -337,9 +340,10 @@ LlamaForCausalLM load_qnat(const std::string& path, const QnatLoadOptions& optio
       const at::ScalarType dt = *io::qnat_scalar_type(info.dtype);
       if (info.shape != t.sizes().vec() || dt != t.scalar_type())
         fail_tensor(path, src,
-                    std::string("is ") + io::qnat_dtype_name(info.dtype) + " " + util::shape_str(info.shape) +
-                        " but the model's \"" + name + "\" is " + io::qnat_scalar_name(t.scalar_type()) +
-                        " " + util::shape_str(t.sizes().vec()));
+                    std::string("is ") + io::qnat_dtype_name(info.dtype) + " " +
+                        util::shape_str(info.shape) + " but the model's \"" + name + "\" is " +
+                        io::qnat_scalar_name(t.scalar_type()) + " " +
+                        util::shape_str(t.sizes().vec()));
       const at::Tensor v = file.tensor(src);
       if (t.numel() > 0 && v.data_ptr() != t.data_ptr()) t.copy_(v);
     }
@@ -355,16 +359,19 @@ LlamaForCausalLM load_qnat(const std::string& path, const QnatLoadOptions& optio
     try {
       metadata->tokenizer_source = meta.at("tokenizer").value("source", "");
       metadata->tokenizer_kind = meta.at("tokenizer").value("kind", "");
-      if (!meta.at("lora").is_null()) metadata->lora = nn::detail::lora_config_from_json(legacy_lora_keys(meta.at("lora")), path + " (metadata \"lora\")");
+      if (!meta.at("lora").is_null())
+        metadata->lora = nn::detail::lora_config_from_json(legacy_lora_keys(meta.at("lora")),
+                                                           path + " (metadata \"lora\")");
       const json& q = meta.at("quantization");
       if (!q.is_null()) {
         nn::QuantizedBaseConfig b;
         b.quant.blocksize = q.at("blocksize").get<int64_t>();
         b.quant.quant_type = q.at("quant_type").get<std::string>();
         b.quant.double_quant = q.at("double_quant").get<bool>();
-        b.quant.storage = io::qnat_scalar_from_name(q.at("storage").get<std::string>()).value_or(at::kByte);
-        b.compute_dtype =
-            io::qnat_scalar_from_name(q.at("compute_dtype").get<std::string>()).value_or(at::kFloat);
+        b.quant.storage =
+            io::qnat_scalar_from_name(q.at("storage").get<std::string>()).value_or(at::kByte);
+        b.compute_dtype = io::qnat_scalar_from_name(q.at("compute_dtype").get<std::string>())
+                              .value_or(at::kFloat);
         metadata->quantization = b;
       }
       metadata->include_adapter = file.has_adapter();

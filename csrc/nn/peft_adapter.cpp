@@ -7,11 +7,11 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "nn/lora_config_json.h"
 #include "qlora/io/atomic_file.h"
 #include "qlora/io/safetensors.h"
 #include "qlora/nn/apply_lora.h"
 #include "qlora/nn/lora_layer.h"
-#include "nn/lora_config_json.h"
 #include "util/json_file.h"
 
 namespace qlora::nn {

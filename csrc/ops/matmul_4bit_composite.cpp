@@ -1,7 +1,7 @@
-// The device-generic matmul_4bit (registered for CUDA in cuda/cuda_ops.cpp): single-row inputs go to the fused gemv_4bit kernel,
-// everything else dequantises the weight once into the input dtype and runs
-// the backend's GEMM. Both call the qlora ops through the dispatcher, so each
-// device gets its own kernels.
+// The device-generic matmul_4bit (registered for CUDA in cuda/cuda_ops.cpp): single-row inputs go
+// to the fused gemv_4bit kernel, everything else dequantises the weight once into the input dtype
+// and runs the backend's GEMM. Both call the qlora ops through the dispatcher, so each device gets
+// its own kernels.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/linear.h>
 

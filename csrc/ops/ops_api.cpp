@@ -81,8 +81,7 @@ at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
 }
 
 at::Tensor hash_dropout(const at::Tensor& input, double p, int64_t seed) {
-  static auto op =
-      op_handle<at::Tensor(const at::Tensor&, double, int64_t)>("qlora::hash_dropout");
+  static auto op = op_handle<at::Tensor(const at::Tensor&, double, int64_t)>("qlora::hash_dropout");
   return op.call(input, p, seed);
 }
 

@@ -6,9 +6,9 @@
 
 #include <cmath>
 
+#include "optim/state_storage.h"
 #include "qlora/ops.h"
 #include "qlora/quant_state.h"
-#include "optim/state_storage.h"
 
 namespace qlora::optim {
 

@@ -10,9 +10,9 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "qlora/io/atomic_file.h"
 #include "util/fs.h"
 #include "util/log.h"
-#include "qlora/io/atomic_file.h"
 
 namespace qlora::train {
 

@@ -102,8 +102,7 @@ std::vector<std::pair<std::string, std::string>> ModelContext::generate(
     std::vector<int32_t> ids = tokenizer->encode(text, true);
     std::vector<int64_t> ids64(ids.begin(), ids.end());
     const at::Tensor input =
-        at::from_blob(ids64.data(), {1, static_cast<int64_t>(ids64.size())}, at::kLong)
-            .to(device);
+        at::from_blob(ids64.data(), {1, static_cast<int64_t>(ids64.size())}, at::kLong).to(device);
     models::GenerationConfig g;
     g.max_new_tokens = max_new_tokens;
     if (tokenizer->eos_id()) g.stop_token_ids = std::vector<int64_t>{*tokenizer->eos_id()};

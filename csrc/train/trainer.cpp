@@ -181,7 +181,8 @@ bool Trainer::State::train_step() {
           "stopping: " + std::to_string(loop.consecutive_nonfinite) +
           " consecutive steps with a non-finite loss or gradient (last at step " +
           std::to_string(loop.step + 1) + "); lower training.lr or use float32 compute");
-    log::warn("step " + std::to_string(loop.step + 1) + ": non-finite loss/gradient, update skipped");
+    log::warn("step " + std::to_string(loop.step + 1) +
+              ": non-finite loss/gradient, update skipped");
     optimizer->zero_grad();
   } else {
     loop.consecutive_nonfinite = 0;
@@ -267,8 +268,7 @@ TrainSummary Trainer::run() {
   summary.tokens_per_second = s.loop.trained_tokens / std::max(1e-9, s.loop.train_seconds);
   summary.peak_rss_bytes = peak_rss_bytes();
   summary.wall_seconds = std::chrono::duration<double>(Clock::now() - start).count();
-  summary.paths = {adapter_dir,
-                   s.config.output_dir + "/" + detail::checkpoint_name(s.loop.step),
+  summary.paths = {adapter_dir, s.config.output_dir + "/" + detail::checkpoint_name(s.loop.step),
                    s.metrics.path(), s.metrics.plot()};
   const std::string json = summary.to_json();
   io::write_bytes_atomic(s.config.output_dir + "/summary.json", json.data(), json.size());

@@ -13,7 +13,8 @@ inline bool starts_with(std::string_view s, std::string_view prefix) {
 }
 
 inline bool ends_with(std::string_view s, std::string_view suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 // "[2, 3]": a shape as error messages print it.

@@ -20,8 +20,8 @@
 #include <string>
 #include <vector>
 
-#include "qlora/io/safetensors.h"
 #include "qlora/export/gguf_model.h"
+#include "qlora/io/safetensors.h"
 #include "qlora/models/loader.h"
 #include "qlora/nn/apply_lora.h"
 #include "qlora/nn/lora_layer.h"

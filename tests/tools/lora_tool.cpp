@@ -13,8 +13,8 @@
 #include <map>
 #include <string>
 
-#include "qlora/io/safetensors.h"
 #include "qlora/export/torchscript.h"
+#include "qlora/io/safetensors.h"
 #include "qlora/nn/apply_lora.h"
 #include "qlora/nn/linear_host.h"
 #include "qlora/nn/peft_adapter.h"

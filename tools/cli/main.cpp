@@ -182,8 +182,8 @@ int main(int argc, char** argv) {
                       max_new_tokens);
     if (*inspect_cmd) return qlora::cli::inspect(file, std::cout);
     if (*export_cmd)
-      return export_model(model_config(config, gen_model, "alpaca", sets), adapter, format,
-                          out_dir, outtype);
+      return export_model(model_config(config, gen_model, "alpaca", sets), adapter, format, out_dir,
+                          outtype);
     if (*quant_cmd) return quantize(model_path, out_dir, quant_type, blocksize, double_quant);
   } catch (const c10::Error& e) {
     std::cerr << "qlora: error: " << e.what_without_backtrace() << "\n";

@@ -23,7 +23,6 @@ using test::write_bytes;
 using test::expect_error;
 using test::TempDir;
 
-
 TEST(GgufWriter, MetadataRoundTripsWithExactTypes) {
   TempDir dir;
   const std::string path = dir.write("kv.gguf", "");

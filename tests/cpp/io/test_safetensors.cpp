@@ -68,8 +68,6 @@ void expect_bitwise_equal(const at::Tensor& actual, const at::Tensor& expected,
   EXPECT_TRUE(at::equal(bytes(actual), bytes(expected))) << what;
 }
 
-
-
 std::string u64_le(uint64_t v) {
   std::string out(8, '\0');
   std::memcpy(out.data(), &v, 8);
@@ -351,9 +349,9 @@ TEST_F(SafetensorsTest, RejectsMalformedFilesWithClearMessages) {
 TEST_F(SafetensorsTest, AcceptsWhatPythonAccepts) {
   // Zero-size tensors may share an offset; null metadata means none.
   write_bytes(file("ok.safetensors"),
-             header_file(R"({"__metadata__":null,"e":)" + f32(0, 0, "[0]") + R"(,"f":)" +
-                             f32(0, 0, "[2,0]") + R"(,"a":)" + f32(0, 4) + "}",
-                         "abcd"));
+              header_file(R"({"__metadata__":null,"e":)" + f32(0, 0, "[0]") + R"(,"f":)" +
+                              f32(0, 0, "[2,0]") + R"(,"a":)" + f32(0, 4) + "}",
+                          "abcd"));
   const SafetensorsReader reader = SafetensorsReader::open(file("ok.safetensors"));
   EXPECT_EQ(reader.names(), (std::vector<std::string>{"e", "f", "a"}));
   EXPECT_EQ(reader.get("f").sizes(), at::IntArrayRef({2, 0}));

@@ -121,7 +121,6 @@ at::Tensor logits(LlamaForCausalLM& m) {
   return m->forward(ids);
 }
 
-
 TEST(Qnat, ChecksumIsXxh64) {
   EXPECT_EQ(qnat_checksum("", 0), 0xEF46DB3751D8E999ULL);
   EXPECT_EQ(qnat_checksum("abc", 3), 0x44BC2CF5AD770999ULL);

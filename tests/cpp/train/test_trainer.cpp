@@ -81,7 +81,8 @@ const char* kMinimal = "model: {path: m.gguf}\ndata: {train: t.jsonl}\n";
 
 TEST(TrainConfig, DefaultsOverridesAndRoundTrip) {
   const auto c = TrainConfig::from_yaml_string(
-      kMinimal, {"training.lr=1e-4", "lora.target_modules=[q_proj, v_proj]", "model.quantize=false"});
+      kMinimal,
+      {"training.lr=1e-4", "lora.target_modules=[q_proj, v_proj]", "model.quantize=false"});
   EXPECT_DOUBLE_EQ(c.training.lr, 1e-4);
   EXPECT_EQ(c.lora.target_modules, (std::vector<std::string>{"q_proj", "v_proj"}));
   EXPECT_FALSE(c.model.quantize);
