@@ -4,7 +4,7 @@ BUILD_DIR ?= build
 JOBS ?= 2
 CMAKE_ARGS ?=
 
-.PHONY: setup configure build test demo format clean
+.PHONY: setup configure build test demo format clean sanitize-configure test-sanitize fuzz
 
 setup:
 	@bash tools/setup.sh
@@ -28,6 +28,22 @@ demo: configure
 	$(BUILD_DIR)/tools/qlora export configs/demo.yaml --adapter runs/demo/adapter --format gguf --outtype q8_0 --out runs/demo/merged.q8_0.gguf
 	$(BUILD_DIR)/tools/qlora export configs/demo.yaml --adapter runs/demo/adapter --format gguf-adapter --out runs/demo/adapter.gguf
 	$(BUILD_DIR)/tools/qlora export configs/demo.yaml --adapter runs/demo/adapter --format qnat --out runs/demo/model.qnat
+
+# The robustness builds (docs/ROBUSTNESS.md): the unit suite once under
+# ASan + UBSan, and every fuzz target for FUZZ_SECONDS (or FUZZ_RUNS) each.
+SANITIZE_DIR ?= build-sanitize
+FUZZ_SECONDS ?= 60
+FUZZ_RUNS ?= 0
+sanitize-configure: setup
+	@if [ ! -f $(SANITIZE_DIR)/build.ninja ]; then cmake --preset sanitize; fi
+
+test-sanitize: sanitize-configure
+	cmake --build $(SANITIZE_DIR) -j $(JOBS)
+	ctest --preset sanitize -j $(JOBS)
+
+fuzz: sanitize-configure
+	cmake --build $(SANITIZE_DIR) -j $(JOBS)
+	FUZZ_SECONDS=$(FUZZ_SECONDS) FUZZ_RUNS=$(FUZZ_RUNS) bash tools/fuzz/run_fuzzers.sh $(SANITIZE_DIR)
 
 format:
 	@find include csrc tests benchmarks tools -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' | xargs clang-format -i

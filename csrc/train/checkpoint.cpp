@@ -12,6 +12,7 @@
 #include "qlora/nn/peft_adapter.h"
 #include "util/fs.h"
 #include "util/json_file.h"
+#include "util/log.h"
 #include "util/rng_state.h"
 
 namespace qlora::train::detail {
@@ -38,13 +39,10 @@ void write_text(const std::string& path, const std::string& text) {
 
 std::string checkpoint_name(int64_t step) { return kPrefix + std::to_string(step); }
 
-std::string save_checkpoint(const std::string& output_dir, const CheckpointParts& parts,
+namespace {
+
+void write_checkpoint_files(const std::string& tmp, const CheckpointParts& parts,
                             const LoopState& state) {
-  const std::string final_dir = output_dir + "/" + checkpoint_name(state.step);
-  const std::string tmp =
-      output_dir + "/" + kTmpPrefix + std::to_string(state.step) + "-" + std::to_string(getpid());
-  fs::remove_tree(tmp);
-  fs::make_dirs(tmp);
   nn::save_peft_adapter(tmp + "/adapter", *parts.model, parts.lora, {parts.base_model});
   {
     torch::serialize::OutputArchive archive;
@@ -66,8 +64,43 @@ std::string save_checkpoint(const std::string& output_dir, const CheckpointParts
   j["data"] = nlohmann::json::parse(state.data_state_json);
   write_text(tmp + "/config.yaml", parts.config_yaml);
   write_text(tmp + kStateFile, j.dump(2) + "\n");
-  fs::remove_tree(final_dir);  // a re-run of the same step replaces it
-  fs::rename_durably(tmp, final_dir);
+}
+
+std::string what_is_left(const std::string& output_dir) {
+  std::optional<std::string> latest;
+  try {
+    latest = find_latest_checkpoint(output_dir);
+  } catch (const std::exception&) {
+  }
+  return latest ? "; the last complete checkpoint, " + *latest + ", is intact"
+                : "; no earlier checkpoint exists";
+}
+
+}  // namespace
+
+std::string save_checkpoint(const std::string& output_dir, const CheckpointParts& parts,
+                            const LoopState& state) {
+  const std::string final_dir = output_dir + "/" + checkpoint_name(state.step);
+  const std::string tmp =
+      output_dir + "/" + kTmpPrefix + std::to_string(state.step) + "-" + std::to_string(getpid());
+  // The run is only in memory now: saving it into a re-created folder beats losing it.
+  if (!fs::is_dir(output_dir))
+    log::warn("the output folder " + output_dir +
+              " has disappeared since training started; creating it again for " + final_dir);
+  try {
+    fs::remove_tree(tmp);
+    fs::make_dirs(tmp);
+    write_checkpoint_files(tmp, parts, state);
+    fs::remove_tree(final_dir);  // a re-run of the same step replaces it
+    fs::rename_durably(tmp, final_dir);
+  } catch (const std::exception& e) {
+    try {
+      fs::remove_tree(tmp);  // no partial checkpoint is left behind
+    } catch (const std::exception&) {
+    }
+    throw CheckpointError("cannot save checkpoint " + final_dir + ": " + e.what() +
+                          what_is_left(output_dir));
+  }
   return final_dir;
 }
 

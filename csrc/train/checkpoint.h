@@ -9,6 +9,7 @@
 #include <torch/optim/optimizer.h>
 
 #include <optional>
+#include <stdexcept>
 #include <string>
 
 #include "qlora/data/data_loader.h"
@@ -36,8 +37,15 @@ struct CheckpointParts {
 
 std::string checkpoint_name(int64_t step);
 
+// A checkpoint that could not be written (disk full, read-only folder...):
+// the message names it, the cause, and the checkpoint a resume would use.
+class CheckpointError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
 // Writes output_dir/checkpoint-<state.step>, replacing one of the same step;
-// returns its path.
+// returns its path. Throws CheckpointError, leaving no partial folder.
 std::string save_checkpoint(const std::string& output_dir, const CheckpointParts& parts,
                             const LoopState& state);
 

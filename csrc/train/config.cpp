@@ -55,6 +55,7 @@ const std::map<std::string, Field>& fields() {
       QLORA_FIELD("data.template", data.template_name),
       QLORA_FIELD("data.max_length", data.max_length),
       QLORA_FIELD("data.packing", data.packing),
+      QLORA_FIELD("data.shuffle", data.shuffle),
       QLORA_FIELD("data.eval_split", data.eval_split),
       QLORA_FIELD("data.eval_max_examples", data.eval_max_examples),
       QLORA_FIELD("data.strict", data.strict),

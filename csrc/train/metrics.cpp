@@ -37,6 +37,12 @@ void MetricsWriter::open(const std::string& output_dir) {
 void MetricsWriter::append(const std::string& json_line) {
   std::ofstream out(path_, std::ios::app);
   out << json_line << "\n";
+  out.close();
+  if (!out && !append_failed_) {
+    append_failed_ = true;
+    log::warn("cannot append to " + path_ + " (disk full or folder removed?): " +
+              "training goes on, metrics of later steps may be missing there");
+  }
 }
 
 void MetricsWriter::train_step(int64_t step, int64_t total_steps, double loss, double lr,
@@ -78,7 +84,11 @@ void MetricsWriter::eval(int64_t step, double loss) {
   s << "eval at step " << step << ": loss " << std::fixed << std::setprecision(4) << loss
     << ", perplexity " << std::setprecision(2) << std::exp(loss);
   log::info(s.str());
-  plot();
+  try {
+    plot();
+  } catch (const std::exception& e) {
+    log::warn(std::string("loss curve not updated: ") + e.what());
+  }
 }
 
 void MetricsWriter::checkpoint(int64_t step) {

@@ -26,6 +26,7 @@ class MetricsWriter {
   void append(const std::string& json_line);
   std::string path_, svg_path_;
   bool tty_ = false;
+  bool append_failed_ = false;  // warned once: metrics are not worth stopping a run for
   std::vector<std::pair<int64_t, double>> train_, eval_;
 };
 

@@ -128,6 +128,10 @@ DataSplits load_data_splits(const TrainConfig& config, const tokenizers::Tokeniz
   const auto load = [&](const std::string& path) {
     auto loaded = data::load_dataset(path, tokenizer, opts);
     for (const auto& issue : loaded.issues) log::warn(issue.to_string());
+    if (loaded.truncated > 0)
+      log::warn(path + ": " + std::to_string(loaded.truncated) + " of " +
+                std::to_string(loaded.records) + " examples longer than data.max_length (" +
+                std::to_string(c.data.max_length) + " tokens) truncated");
     return std::move(loaded.dataset);
   };
   data::Dataset train, eval;

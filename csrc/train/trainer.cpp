@@ -6,6 +6,7 @@
 #include <torch/optim/adamw.h>
 #include <chrono>
 #include <cmath>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <set>
@@ -15,6 +16,7 @@
 #include "qlora/nn/peft_adapter.h"
 #include "qlora/optim/paged_adamw.h"
 #include "qlora/train/lr_schedule.h"
+#include "qlora/train/stop_signals.h"
 #include "train/checkpoint.h"
 #include "train/label_tokens.h"
 #include "train/metrics.h"
@@ -45,6 +47,8 @@ struct Trainer::State {
   std::unique_ptr<LRSchedule> schedule;
   MetricsWriter metrics;
   detail::LoopState loop;
+  GradientHook gradient_hook;
+  int64_t saved_step = -1;  // the step of the last checkpoint written or resumed from
   bool training_prepared = false;
 
   ModelContext& ctx() {
@@ -57,7 +61,8 @@ struct Trainer::State {
   std::vector<data::Batch> next_window();
   bool train_step();
   detail::CheckpointParts checkpoint_parts(const std::string& config_yaml);
-  void save_checkpoint();
+  std::string save_checkpoint();
+  [[noreturn]] void stop_for_signal(int sig);
   void resume_from(const std::string& dir);
   double evaluate() { return ctx().evaluate(data.eval, config.training.micro_batch_size); }
   std::vector<std::pair<std::string, std::string>> generate_samples() {
@@ -82,6 +87,7 @@ void Trainer::State::setup_training() {
   lo.micro_batch_size = config.training.micro_batch_size;
   lo.seed = static_cast<uint64_t>(config.training.seed);
   lo.packing = config.data.packing;
+  lo.shuffle = config.data.shuffle;
   lo.max_length = config.data.max_length;
   lo.pad_id = data::padding_id(*c.tokenizer);
   loader = std::make_unique<data::DataLoader>(data.train, lo);
@@ -165,14 +171,17 @@ bool Trainer::State::train_step() {
     loss.backward();
     loss_sum += loss.item<double>();
   }
+  if (gradient_hook) gradient_hook(loop.step + 1, params);
   const double lr = schedule->lr(loop.step);
   for (auto& group : optimizer->param_groups()) group.options().set_lr(lr);
   double grad_norm = 0;
   const bool finite = std::isfinite(loss_sum);
   if (finite) {
-    grad_norm = config.training.max_grad_norm > 0
-                    ? torch::nn::utils::clip_grad_norm_(params, config.training.max_grad_norm)
-                    : 0.0;
+    // The norm is taken without clipping too: a NaN gradient must skip the step either way.
+    const double max_norm = config.training.max_grad_norm > 0
+                                ? config.training.max_grad_norm
+                                : std::numeric_limits<double>::infinity();
+    grad_norm = torch::nn::utils::clip_grad_norm_(params, max_norm);
   }
   if (!finite || !std::isfinite(grad_norm)) {
     ++loop.skipped_steps;
@@ -202,13 +211,26 @@ detail::CheckpointParts Trainer::State::checkpoint_parts(const std::string& conf
   return {ctx().model, ctx().lora, config.model.path, *optimizer, config_yaml};
 }
 
-void Trainer::State::save_checkpoint() {
+std::string Trainer::State::save_checkpoint() {
   loop.data_state_json = loader->state().to_json();
   const std::string yaml = config.to_yaml();
   const std::string dir = detail::save_checkpoint(config.output_dir, checkpoint_parts(yaml), loop);
+  saved_step = loop.step;
   metrics.checkpoint(loop.step);
   log::info("saved " + dir);
   detail::prune_checkpoints(config.output_dir, config.training.keep_last);
+  return dir;
+}
+
+// At a step boundary: the state there is what a resumed run starts from.
+void Trainer::State::stop_for_signal(int sig) {
+  std::string dir;  // stays empty before the first step: nothing to save
+  if (saved_step == loop.step)
+    dir = config.output_dir + "/" + detail::checkpoint_name(loop.step);
+  else if (loop.step > 0)
+    dir = save_checkpoint();
+  clear_stop_request();
+  throw Interrupted(sig, dir);
 }
 
 void Trainer::State::resume_from(const std::string& dir) {
@@ -216,12 +238,15 @@ void Trainer::State::resume_from(const std::string& dir) {
   const std::string yaml = config.to_yaml();
   loop = detail::load_checkpoint(dir, checkpoint_parts(yaml));
   loop.total_steps = total_steps;
+  saved_step = loop.step;
   loader->restore(data::LoaderState::from_json(loop.data_state_json));
   metrics.truncate_after(loop.step);
   log::info("resumed from " + dir + " at step " + std::to_string(loop.step));
 }
 
 void Trainer::prepare() { s_->setup_training(); }
+
+void Trainer::set_gradient_hook(GradientHook hook) { s_->gradient_hook = std::move(hook); }
 
 ModelContext& Trainer::context() { return s_->ctx(); }
 
@@ -250,14 +275,18 @@ TrainSummary Trainer::run() {
   s.metrics.eval(s.loop.step, summary.eval_loss_before);
   summary.generations_before = s.generate_samples();
   const auto& t = s.config.training;
-  while (s.loop.step < s.loop.total_steps && s.train_step()) {
+  while (s.loop.step < s.loop.total_steps) {
+    if (const int sig = pending_stop_signal()) s.stop_for_signal(sig);
+    if (!s.train_step()) break;
     const int64_t step = s.loop.step;
-    if (t.eval_every > 0 && step % t.eval_every == 0 && step < s.loop.total_steps)
-      s.metrics.eval(step, s.evaluate());
     if (t.save_every > 0 && step % t.save_every == 0 && step < s.loop.total_steps)
       s.save_checkpoint();
+    if (const int sig = pending_stop_signal()) s.stop_for_signal(sig);
+    if (t.eval_every > 0 && step % t.eval_every == 0 && step < s.loop.total_steps)
+      s.metrics.eval(step, s.evaluate());
   }
   s.save_checkpoint();
+  if (const int sig = pending_stop_signal()) s.stop_for_signal(sig);
   summary.eval_loss_after = s.evaluate();
   s.metrics.eval(s.loop.step, summary.eval_loss_after);
   summary.generations_after = s.generate_samples();

@@ -5,8 +5,10 @@
 //                  [--max-new-tokens N] [--set ...]
 //   qlora quantize --model PATH --out DIR [--quant-type nf4|fp4] [--blocksize N]
 //   [--no-double-quant] qlora inspect FILE
-// Exit codes: 0 success, 1 runtime error (named file/key in the message), 2 usage.
+// Exit codes: 0 success, 1 runtime error (named file/key in the message), 2 usage,
+// 130 / 143: training stopped by SIGINT / SIGTERM after saving a checkpoint.
 #include <c10/util/Exception.h>
+#include <signal.h>
 #include <CLI/CLI.hpp>
 
 #include <cstdio>
@@ -19,6 +21,7 @@
 #include "qlora/export/hf_folder.h"
 #include "qlora/models/loader.h"
 #include "qlora/train/model_context.h"
+#include "qlora/train/stop_signals.h"
 #include "qlora/train/trainer.h"
 
 namespace {
@@ -36,6 +39,7 @@ void print_generations(const char* title,
 
 int train(const std::string& config_path, const std::vector<std::string>& sets) {
   Trainer trainer(TrainConfig::from_yaml_file(config_path, sets));
+  const qlora::train::StopSignalHandler stop_on_signal;
   const auto s = trainer.run();
   std::cout << std::fixed << std::setprecision(4) << "\n== qlora train: done ==\n"
             << "held-out eval loss: before " << s.eval_loss_before << "  after "
@@ -174,6 +178,9 @@ int main(int argc, char** argv) {
   inspect_cmd->add_option("file", file, "the file")->required()->check(CLI::ExistingFile);
 
   CLI11_PARSE(app, argc, argv);
+  // A file-size limit (ulimit -f) then fails the write with EFBIG, which our
+  // writers report with the path, instead of killing the process.
+  signal(SIGXFSZ, SIG_IGN);
   try {
     if (*train_cmd) return train(config, sets);
     if (*eval_cmd) return evaluate(model_config(config, "", "", sets), adapter);
@@ -185,6 +192,9 @@ int main(int argc, char** argv) {
       return export_model(model_config(config, gen_model, "alpaca", sets), adapter, format, out_dir,
                           outtype);
     if (*quant_cmd) return quantize(model_path, out_dir, quant_type, blocksize, double_quant);
+  } catch (const qlora::train::Interrupted& e) {
+    std::cerr << "qlora: " << e.what() << "\n";
+    return e.exit_code();
   } catch (const c10::Error& e) {
     std::cerr << "qlora: error: " << e.what_without_backtrace() << "\n";
     return 1;

@@ -34,6 +34,7 @@ struct TrainConfig {
     std::string template_name = "alpaca";  // key "template"
     int64_t max_length = 512;
     bool packing = false;
+    bool shuffle = true;  // a new order every epoch from training.seed; false: file order
     double eval_split = 0.0;
     int64_t eval_max_examples = 0;  // 0: all
     bool strict = true;

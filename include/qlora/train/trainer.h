@@ -5,6 +5,7 @@
 // `resume: auto` continues exactly (train/checkpoint.h).
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <utility>
@@ -27,13 +28,21 @@ struct TrainSummary {
   std::string to_json() const;
 };
 
+// Called after each optimizer step's backward, before clipping, with the
+// step about to complete (1-based) and the trainable parameters: to watch
+// gradients, or to test what a bad batch does (a NaN gradient skips the step).
+using GradientHook = std::function<void(int64_t step, const std::vector<at::Tensor>& params)>;
+
 class Trainer {
  public:
   explicit Trainer(TrainConfig config);
   ~Trainer();
   // Sets everything up, evaluates, trains, evaluates again and saves the
-  // final adapter; also writes summary.json into output_dir.
+  // final adapter; also writes summary.json into output_dir. A stop request
+  // (stop_signals.h) ends training at the next step boundary: run() saves a
+  // checkpoint there and throws Interrupted naming it.
   TrainSummary run();
+  void set_gradient_hook(GradientHook hook);
   // Loads model, tokenizer, data and optimizer and creates output_dir
   // (run() calls it).
   void prepare();

@@ -1,0 +1,14 @@
+// A SentencePiece tokenizer.model (a protobuf) on any bytes, then used.
+#include "fuzz_support.h"
+#include "tokenizer_exercise.h"
+
+using namespace qlora;
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  const std::string path = fuzz::write_scratch("sentencepiece/tokenizer.model", data, size);
+  fuzz::expect_refusal_or_success(path, [&] {
+    const auto tok = tokenizers::load_sentencepiece(path);
+    fuzz::exercise_tokenizer(*tok, {reinterpret_cast<const char*>(data), size});
+  });
+  return 0;
+}
