@@ -170,9 +170,11 @@ void save_qnat(const std::string& path, models::LlamaForCausalLMImpl& model,
       wrote_adapter = true;
     }
     const void* ptr = t.numel() > 0 ? t.data_ptr() : nullptr;
+    // A named reference: clang 14 cannot capture a structured binding.
+    const at::Tensor& tensor = t;
     const auto same = std::find_if(written.begin(), written.end(), [&](const auto& w) {
-      return ptr != nullptr && w.second.data_ptr() == ptr && w.second.sizes() == t.sizes() &&
-             w.second.scalar_type() == t.scalar_type() && t.is_contiguous();
+      return ptr != nullptr && w.second.data_ptr() == ptr && w.second.sizes() == tensor.sizes() &&
+             w.second.scalar_type() == tensor.scalar_type() && tensor.is_contiguous();
     });
     if (same != written.end()) {
       aliases[name] = same->first;

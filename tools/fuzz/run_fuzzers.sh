@@ -28,10 +28,13 @@ run_one() {
   mkdir -p "$work" "$art" "$(dirname "$log")"
   local dict=()
   [[ -f tests/fuzz/dict/$t.dict ]] && dict=(-dict="tests/fuzz/dict/$t.dict")
+  # libFuzzer refuses a corpus folder that does not exist (no regressions yet).
+  local dirs=("$work" "$SEEDS/$t")
+  [[ -d tests/fuzz/regressions/$t ]] && dirs+=("tests/fuzz/regressions/$t")
   # A private scratch folder per run; the corpus grows in fuzz-work/ across runs.
   ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
   LSAN_OPTIONS=suppressions=$PWD/tests/fuzz/lsan.supp \
-    "$BUILD/tests/fuzz/qlora_fuzz_$t" "$work" "$SEEDS/$t" tests/fuzz/regressions/"$t" "${dict[@]}" \
+    "$BUILD/tests/fuzz/qlora_fuzz_$t" "${dirs[@]}" "${dict[@]}" \
       -max_total_time="$SECONDS_PER_TARGET" -runs="$([[ $RUNS -gt 0 ]] && echo "$RUNS" || echo -1)" \
       -rss_limit_mb=2048 -malloc_limit_mb=1024 -timeout=10 -print_final_stats=1 \
       -artifact_prefix="$art/" >"$log" 2>&1 || true
