@@ -59,7 +59,11 @@ LoRAConfig lora_config_from_json(const nlohmann::json& j, const std::string& sou
   c.use_rslora = field<bool>(j, source, "use_rslora", false);
   c.use_dora = field<bool>(j, source, "use_dora", false);
   c.bias = field<std::string>(j, source, "bias", "none");
-  c.validate();
+  try {
+    c.validate();
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(false, source, ": ", e.what_without_backtrace());
+  }
   return c;
 }
 

@@ -47,7 +47,15 @@ VocabSpec vocab_from_gguf(const std::string& gguf_path) {
 }
 
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path) {
-  if (ends_with(path, ".gguf")) return tokenizer_from_vocab(vocab_from_gguf(path));
+  if (ends_with(path, ".gguf")) {
+    const VocabSpec spec = vocab_from_gguf(path);
+    // The spec no longer knows its file; a refusal must still name it.
+    try {
+      return tokenizer_from_vocab(spec);
+    } catch (const TokenizerError& e) {
+      throw TokenizerError(path + ": " + e.what());
+    }
+  }
   if (ends_with(path, ".json") && is_file(path)) return load_tokenizer_json(path);
   if (ends_with(path, ".model") && is_file(path)) return load_sentencepiece(path);
   if (is_dir(path)) {

@@ -203,6 +203,21 @@ std::vector<std::string> TrainConfig::valid_keys() {
   return keys;
 }
 
+namespace {
+
+// A conversion yaml-cpp refuses outside a known key (a list where a map
+// belongs, say) still names the file.
+TrainConfig parse_named(const YAML::Node& root, const std::vector<std::string>& overrides,
+                        const std::string& source) {
+  try {
+    return parse(root, overrides, source);
+  } catch (const YAML::Exception& e) {
+    fail(source, "invalid config: " + e.msg + " (line " + std::to_string(e.mark.line + 1) + ")");
+  }
+}
+
+}  // namespace
+
 TrainConfig TrainConfig::from_yaml_string(const std::string& text,
                                           const std::vector<std::string>& overrides,
                                           const std::string& source) {
@@ -212,7 +227,7 @@ TrainConfig TrainConfig::from_yaml_string(const std::string& text,
   } catch (const YAML::Exception& e) {
     fail(source, "not valid YAML: " + e.msg + " (line " + std::to_string(e.mark.line + 1) + ")");
   }
-  return parse(root, overrides, source);
+  return parse_named(root, overrides, source);
 }
 
 TrainConfig TrainConfig::from_yaml_file(const std::string& path,
@@ -225,7 +240,7 @@ TrainConfig TrainConfig::from_yaml_file(const std::string& path,
   } catch (const YAML::Exception& e) {
     fail(path, "not valid YAML: " + e.msg + " (line " + std::to_string(e.mark.line + 1) + ")");
   }
-  return parse(root, overrides, path);
+  return parse_named(root, overrides, path);
 }
 
 std::string TrainConfig::to_yaml() const {

@@ -24,7 +24,9 @@ SEEDS=$BUILD/fuzz-corpus
 .venv/bin/python tools/fuzz/make_seed_corpus.py "$SEEDS" --seeds-tool "$BUILD/tests/fuzz/qlora_fuzz_seeds" >/dev/null
 
 run_one() {
-  local t=$1 work=$BUILD/fuzz-work/$t art=$BUILD/fuzz-artifacts/$t log=$BUILD/fuzz-logs/$t.log
+  # Separate statements: `local` expands all its words before assigning any.
+  local t=$1
+  local work=$BUILD/fuzz-work/$t art=$BUILD/fuzz-artifacts/$t log=$BUILD/fuzz-logs/$t.log
   mkdir -p "$work" "$art" "$(dirname "$log")"
   local dict=()
   [[ -f tests/fuzz/dict/$t.dict ]] && dict=(-dict="tests/fuzz/dict/$t.dict")
