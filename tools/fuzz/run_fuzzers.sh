@@ -45,14 +45,17 @@ export -f run_one
 export BUILD SEEDS SECONDS_PER_TARGET RUNS
 printf '%s\n' "${targets[@]}" | xargs -P "$JOBS" -I{} bash -c 'run_one {}'
 
-echo "| target | executions | exec/s | edges | corpus | findings |"
-echo "|---|---:|---:|---:|---:|---|"
+# libFuzzer pads the final stats with spaces ("stat::average_exec_per_sec:     3772").
+stat() { grep -o "stat::$2: *[0-9]*" "$1" | awk '{print $2}' | tail -1; }
+echo "| target | executions | exec/s | edges | corpus | peak RSS (MB) | findings |"
+echo "|---|---:|---:|---:|---:|---:|---|"
 for t in "${targets[@]}"; do
   log=$BUILD/fuzz-logs/$t.log
-  execs=$(grep -o 'stat::number_of_executed_units: [0-9]*' "$log" | awk '{print $2}' | tail -1)
-  rate=$(grep -o 'stat::average_exec_per_sec: [0-9]*' "$log" | awk '{print $2}' | tail -1)
+  execs=$(stat "$log" number_of_executed_units)
+  rate=$(stat "$log" average_exec_per_sec)
+  rss=$(stat "$log" peak_rss_mb)
   edges=$(grep -o 'cov: [0-9]*' "$log" | awk '{print $2}' | tail -1)
   corpus=$(grep -o 'corp: [0-9]*' "$log" | awk '{print $2}' | tail -1)
   found=$(find "$BUILD/fuzz-artifacts/$t" -type f | wc -l)
-  echo "| $t | ${execs:-?} | ${rate:-?} | ${edges:-?} | ${corpus:-?} | $found |"
+  echo "| $t | ${execs:-?} | ${rate:-?} | ${edges:-?} | ${corpus:-?} | ${rss:-?} | $found |"
 done
