@@ -387,6 +387,14 @@ uint64_t tensor_nbytes(const std::string& path, const GgufTensorInfo& t,
                    " elements per row, not a multiple of the block size " +
                    std::to_string(traits.block_size));
   }
+  // The raw view has ne[0] / block_size * type_size bytes per row, an int64 dimension even
+  // when another dimension is 0 and the tensor holds no bytes at all.
+  int64_t row_bytes = 0;
+  if (__builtin_mul_overflow(t.ne[0] / traits.block_size, static_cast<int64_t>(traits.type_size),
+                             &row_bytes)) {
+    fail(path, "tensor " + quote(t.name) + " with ne " + util::shape_str(t.ne) +
+                   " has rows of more bytes than fit in 63 bits");
+  }
   uint64_t nbytes = static_cast<uint64_t>(t.numel() / traits.block_size);
   if (__builtin_mul_overflow(nbytes, static_cast<uint64_t>(traits.type_size), &nbytes)) {
     fail(path, "tensor " + quote(t.name) + " with ne " + util::shape_str(t.ne) +

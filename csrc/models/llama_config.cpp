@@ -228,7 +228,7 @@ LlamaConfig LlamaConfig::from_json(const std::string& json_text, const std::stri
   json j;
   try {
     j = json::parse(json_text);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // out_of_range too: "1e999"
     TORCH_CHECK(false, source, ": invalid JSON: ", e.what());
   }
   TORCH_CHECK(j.is_object(), source, ": expected a JSON object, got ", j.type_name());

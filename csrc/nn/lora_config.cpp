@@ -47,7 +47,7 @@ LoRAConfig LoRAConfig::from_json(const std::string& text, const std::string& sou
   nlohmann::json j;
   try {
     j = nlohmann::json::parse(text);
-  } catch (const nlohmann::json::parse_error& e) {
+  } catch (const nlohmann::json::exception& e) {  // out_of_range too: "1e999"
     TORCH_CHECK(false, source, " is not valid JSON: ", e.what());
   }
   return detail::lora_config_from_json(j, source);

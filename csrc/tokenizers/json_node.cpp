@@ -29,7 +29,7 @@ json parse_json_file(const std::string& path) {
   const std::string text = read_file(path);
   try {
     return json::parse(text);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // out_of_range too: "1e999"
     throw TokenizerError(path + ": not valid JSON: " + e.what());
   }
 }

@@ -13,6 +13,9 @@ nlohmann::json read_json_file(const std::string& path, const std::string& what) 
   } catch (const nlohmann::json::parse_error& e) {
     throw std::runtime_error(what + " \"" + path + "\" is not valid JSON (byte " +
                              std::to_string(e.byte) + "): " + e.what());
+  } catch (const nlohmann::json::exception& e) {
+    // A number beyond double's range ("1e999") is out_of_range, not parse_error.
+    throw std::runtime_error(what + " \"" + path + "\" is not valid JSON: " + e.what());
   }
 }
 

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #include "cpu/isa_kernels.h"
@@ -97,7 +98,9 @@ TEST(CpuCapability, QuantizeAndDequantizeEqualPortableBitForBit) {
     const at::Tensor x = adversarial_input(3 * 4096 + 45, dtype);
     for (const char* type : {"nf4", "fp4"}) {
       for (int64_t bs : {32, 64, 256, 4096}) {
-        auto [p0, a0] =
+        // Named tensors, not a structured binding: clang 14 refuses those in lambdas.
+        at::Tensor p0, a0;
+        std::tie(p0, a0) =
             at_level(CpuCapability::kPortable, [&] { return qlora::quantize_4bit(x, bs, type); });
         for (CpuCapability level : available_levels()) {
           auto [p, a] = at_level(level, [&] { return qlora::quantize_4bit(x, bs, type); });
@@ -126,7 +129,8 @@ TEST(CpuCapability, QuantizeAndDequantizeEqualPortableBitForBit) {
 
 TEST(CpuCapability, NonFiniteAbsmaxDecodesAsTorchRounds) {
   const at::Tensor x = torch::randn({256});
-  auto [packed, absmax] = qlora::quantize_4bit(x, 64, "nf4");
+  at::Tensor packed, absmax;
+  std::tie(packed, absmax) = qlora::quantize_4bit(x, 64, "nf4");
   absmax[1] = std::numeric_limits<float>::quiet_NaN();
   absmax[2] = std::numeric_limits<float>::infinity();
   const at::Tensor ref = qlora::dequantize_4bit(packed, absmax, 64, "nf4", {256}, at::kFloat);
@@ -151,7 +155,8 @@ TEST(CpuCapability, GemvAndMatmulMatchPortable) {
   torch::manual_seed(12);
   const int64_t N = 96, K = 320;  // K not a multiple of the blocksize: rows straddle blocks
   const at::Tensor w = torch::randn({N, K}) * 0.05;
-  auto [packed, absmax] = qlora::quantize_4bit(w, 64, "nf4");
+  at::Tensor packed, absmax;
+  std::tie(packed, absmax) = qlora::quantize_4bit(w, 64, "nf4");
   for (auto dtype : {at::kFloat, at::kHalf, at::kBFloat16}) {
     const double tol = dtype == at::kFloat ? 1e-5 : 1e-2;
     for (int64_t rows : {1, 7, 33}) {
@@ -182,7 +187,8 @@ TEST(CpuCapability, MatmulBackwardInEveryDtypeAtEveryLevel) {
   torch::manual_seed(13);
   const int64_t N = 48, K = 128;
   const at::Tensor w = torch::randn({N, K}) * 0.05;
-  auto [packed, absmax] = qlora::quantize_4bit(w, 64, "nf4");
+  at::Tensor packed, absmax;
+  std::tie(packed, absmax) = qlora::quantize_4bit(w, 64, "nf4");
   for (auto dtype : {at::kFloat, at::kHalf, at::kBFloat16}) {
     const at::Tensor x0 = torch::randn({5, K}).to(dtype);
     const at::Tensor g = torch::randn({5, N}).to(dtype);

@@ -1,6 +1,7 @@
 // Unit tests of the 8-bit blockwise ops with the dynamic maps.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
+#include <tuple>
 
 #include "qlora/ops.h"
 #include "qlora/quant_state.h"
@@ -76,7 +77,9 @@ TEST(Blockwise8, BadInput) {
   at::Tensor bad = x.clone();
   bad[299] = std::nanf("");
   expect_error([&] { qlora::quantize_blockwise(bad, code, 256); }, "inf or NaN in block 1");
-  auto [q, absmax] = qlora::quantize_blockwise(x, code, 64);
+  // Named tensors, not a structured binding: clang 14 refuses those in lambdas.
+  at::Tensor q, absmax;
+  std::tie(q, absmax) = qlora::quantize_blockwise(x, code, 64);
   expect_error([&] { qlora::dequantize_blockwise(q, absmax, code, 256, at::kFloat); },
                "absmax has 5 elements but 300 codes in blocks of 256 need 2");
   expect_error([&] { qlora::dequantize_blockwise(q.to(at::kInt), absmax, code, 64, at::kFloat); },

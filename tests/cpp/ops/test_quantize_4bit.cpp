@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <string>
+#include <tuple>
 
 #include "qlora/ops.h"
 #include "qlora/quant_state.h"
@@ -154,7 +155,9 @@ TEST(Quantize4bit, BadInputIsRejectedWithAClearMessage) {
   bad[100] = std::nanf("");
   expect_error([&] { qlora::quantize_4bit(bad, 64, "nf4"); }, "inf or NaN in block 1");
 
-  auto [packed, absmax] = qlora::quantize_4bit(x, 64, "nf4");
+  // Named tensors, not a structured binding: clang 14 refuses those in lambdas.
+  at::Tensor packed, absmax;
+  std::tie(packed, absmax) = qlora::quantize_4bit(x, 64, "nf4");
   expect_error([&] { qlora::dequantize_4bit(packed, absmax, 64, "nf4", {129}, at::kFloat); },
                "A holds 64 bytes but shape [129]");
   expect_error([&] { qlora::dequantize_4bit(packed, absmax, 32, "nf4", {128}, at::kFloat); },
@@ -168,7 +171,8 @@ TEST(Quantize4bit, BadInputIsRejectedWithAClearMessage) {
 
 TEST(Quantize4bit, OutVariantWritesIntoTheGivenBuffer) {
   const at::Tensor x = torch::randn({5, 64});
-  auto [packed, absmax] = qlora::quantize_4bit(x, 64, "nf4");
+  at::Tensor packed, absmax;
+  std::tie(packed, absmax) = qlora::quantize_4bit(x, 64, "nf4");
   at::Tensor out = torch::full({5, 64}, 7.0, at::kBFloat16);
   const void* before = out.data_ptr();
   qlora::dequantize_4bit_out(out, packed, absmax, 64, "nf4", {5, 64}, at::kBFloat16);
