@@ -8,6 +8,8 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "util/strings.h"
+
 namespace qlora::train {
 
 namespace {
@@ -18,10 +20,36 @@ struct Field {
   std::function<void(const TrainConfig&, YAML::Emitter&)> write;
 };
 
+// A string yaml-cpp would write plain or single-quoted but read back as another string
+// (a carriage return, other control bytes, DEL, bytes of invalid UTF-8) goes out
+// double-quoted, where they are escapes: every written config reads back as itself.
+bool needs_escapes(const std::string& s) {
+  for (const char ch : s) {
+    const auto b = static_cast<unsigned char>(ch);
+    if (b < 0x20 || b == 0x7F || b >= 0x80) return true;
+  }
+  return false;
+}
+
+template <typename T>
+void emit(YAML::Emitter& e, const T& value) {
+  e << value;
+}
+void emit(YAML::Emitter& e, const std::string& value) {
+  if (needs_escapes(value)) e << YAML::DoubleQuoted;
+  e << value;
+}
+void emit(YAML::Emitter& e, const std::vector<std::string>& values) {
+  e << YAML::BeginSeq;
+  for (const auto& v : values) emit(e, v);
+  e << YAML::EndSeq;
+}
+
 template <typename T>
 Field make_field(std::function<T&(TrainConfig&)> ref) {
-  return {[ref](TrainConfig& c, const YAML::Node& n) { ref(c) = n.as<T>(); },
-          [ref](const TrainConfig& c, YAML::Emitter& e) { e << ref(const_cast<TrainConfig&>(c)); }};
+  return {
+      [ref](TrainConfig& c, const YAML::Node& n) { ref(c) = n.as<T>(); },
+      [ref](const TrainConfig& c, YAML::Emitter& e) { emit(e, ref(const_cast<TrainConfig&>(c))); }};
 }
 
 #define QLORA_FIELD(key, member)                                                          \
@@ -36,6 +64,7 @@ const std::map<std::string, Field>& fields() {
       QLORA_FIELD("model.format", model.format),
       QLORA_FIELD("model.tokenizer", model.tokenizer),
       QLORA_FIELD("model.quantize", model.quantize),
+      QLORA_FIELD("model.base_format", model.base_format),
       QLORA_FIELD("model.quant_type", model.quant_type),
       QLORA_FIELD("model.blocksize", model.blocksize),
       QLORA_FIELD("model.double_quant", model.double_quant),
@@ -140,6 +169,12 @@ void validate(const TrainConfig& c, const std::string& source) {
   if (c.model.path.empty()) fail(source, "\"model.path\" is required");
   if (c.data.train.empty()) fail(source, "\"data.train\" is required");
   check_choice(source, "model.quant_type", c.model.quant_type, {"nf4", "fp4"});
+  check_choice(source, "model.base_format", c.model.base_format, {"requantize", "gguf-native"});
+  if (c.model.base_format == "gguf-native" && c.model.format != "gguf" &&
+      !(c.model.format == "auto" && util::ends_with(c.model.path, ".gguf")))
+    fail(source,
+         "\"model.base_format\": gguf-native keeps a GGUF file's blocks, but model.path \"" +
+             c.model.path + "\" is not a .gguf file (set model.format: gguf if it is one)");
   check_choice(source, "model.compute_dtype", c.model.compute_dtype,
                {"float32", "bfloat16", "float16"});
   check_choice(source, "training.scheduler", c.training.scheduler,

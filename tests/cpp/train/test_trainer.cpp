@@ -91,6 +91,20 @@ TEST(TrainConfig, DefaultsOverridesAndRoundTrip) {
   EXPECT_EQ(again.to_yaml(), c.to_yaml());
 }
 
+// Found by fuzzing: a prompt or path with a carriage return (or other control bytes) was
+// written plain and read back as another string, so a checkpoint's config changed on resume.
+TEST(TrainConfig, StringsWithControlBytesRoundTrip) {
+  TrainConfig c = TrainConfig::from_yaml_string(kMinimal);
+  c.generation.prompts = {"line\rreturn", "tab\there", "two\nlines", "del\x7f", "bell\x07",
+                          "caf\xc3\xa9", "  spaced  ", "#not a comment", "- dash", ""};
+  c.data.train = "dir with\rCR/train.jsonl";
+  const std::string yaml = c.to_yaml();
+  const TrainConfig again = TrainConfig::from_yaml_string(yaml);
+  EXPECT_EQ(again.generation.prompts, c.generation.prompts) << yaml;
+  EXPECT_EQ(again.data.train, c.data.train) << yaml;
+  EXPECT_EQ(again.to_yaml(), yaml);
+}
+
 TEST(TrainConfig, MistakesAreClearErrors) {
   expect_error(
       [] {
