@@ -227,7 +227,9 @@ TEST_F(SafetensorsTest, WriterRejectsBadInputsWithoutCreatingTheFile) {
       {{{"m", at::zeros({1}, at::TensorOptions().device(at::kMeta))}}, "meta device"},
       {{{"bad\xff", ok}}, "not valid UTF-8"},
   };
-  for (const auto& [tensors, expected] : cases) {
+  for (const auto& c : cases) {
+    const NamedTensors& tensors = c.first;  // not a structured binding: clang 14 cannot capture one
+    const std::string& expected = c.second;
     const std::string error = error_of([&] { save_safetensors(file("bad.safetensors"), tensors); });
     EXPECT_NE(error.find(expected), std::string::npos) << error;
     EXPECT_NE(error.find(file("bad.safetensors")), std::string::npos) << error;
