@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <limits>
 #include <string_view>
+#include <vector>
 
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
@@ -35,6 +36,20 @@ inline T round_to(float v) {
 template <typename T>
 inline void to_float(const T* src, int64_t n, float* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// This thread's scratch buffer of at least n T: grows, never shrinks, so a
+// kernel called once per layer and step allocates once. One buffer per T,
+// shared by every kernel: hold it only within one kernel call.
+template <typename T>
+T* thread_buffer(int64_t n) {
+  thread_local std::vector<T> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n) {
+    buffer.clear();
+    buffer.shrink_to_fit();
+    buffer.resize(n);
+  }
+  return buffer.data();
 }
 
 // Large fresh outputs are first touched by our kernels: asking for

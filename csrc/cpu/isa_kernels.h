@@ -13,6 +13,7 @@
 #include <type_traits>
 
 #include "common/dropout_hash.h"
+#include "common/ggml_blocks.h"
 #include "common/quant_math.h"
 #include "qlora/cpu_capability.h"
 
@@ -66,6 +67,10 @@ struct IsaKernels {
   // not cross a multiple of 2^32.
   void (*dropout_run)(const float* in, float* out, int64_t n, uint64_t first,
                       const detail::DropoutKey& key);
+  // Decodes `blocks` consecutive ggml blocks of `code` (block_size elements
+  // in type_size bytes each, common/ggml_blocks.h), written per `kind`.
+  void (*ggml_expand)(detail::GgmlCode code, const uint8_t* src, int64_t blocks, int32_t block_size,
+                      int32_t type_size, Expand kind, void* dst);
 };
 
 const IsaKernels& portable_kernels();

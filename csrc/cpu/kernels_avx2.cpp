@@ -2,6 +2,7 @@
 // portable table except for the order of `dot`'s sums.
 #include <algorithm>
 
+#include "cpu/ggml_expand.h"
 #include "cpu/isa_kernels.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -250,10 +251,16 @@ QLORA_AVX2 void dropout_run(const float* in, float* out, int64_t n, uint64_t fir
     portable_kernels().dropout_run(in + i, out + i, n - i, first + static_cast<uint64_t>(i), key);
 }
 
+QLORA_AVX2 void ggml_expand(detail::GgmlCode code, const uint8_t* src, int64_t blocks,
+                            int32_t block_size, int32_t type_size, Expand kind, void* dst) {
+  ggml_expand_body(code, src, blocks, block_size, type_size, kind, dst);
+}
+
 }  // namespace
 
 const IsaKernels& avx2_kernels() {
-  static const IsaKernels k{"avx2", max_abs_bits, encode_pack, expand, dot, dropout_run};
+  static const IsaKernels k{"avx2", max_abs_bits, encode_pack, expand,
+                            dot,    dropout_run,  ggml_expand};
   return k;
 }
 

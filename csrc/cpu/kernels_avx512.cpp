@@ -5,6 +5,7 @@
 // vcvtneps2bf16 flushes subnormals, torch's rounding does not.
 #include <algorithm>
 
+#include "cpu/ggml_expand.h"
 #include "cpu/isa_kernels.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -182,10 +183,16 @@ QLORA_AVX512 void dropout_run(const float* in, float* out, int64_t n, uint64_t f
     portable_kernels().dropout_run(in + i, out + i, n - i, first + static_cast<uint64_t>(i), key);
 }
 
+QLORA_AVX512 void ggml_expand(detail::GgmlCode code, const uint8_t* src, int64_t blocks,
+                              int32_t block_size, int32_t type_size, Expand kind, void* dst) {
+  ggml_expand_body(code, src, blocks, block_size, type_size, kind, dst);
+}
+
 }  // namespace
 
 const IsaKernels& avx512_kernels() {
-  static const IsaKernels k{"avx512", max_abs_bits, encode_pack, expand, dot, dropout_run};
+  static const IsaKernels k{"avx512", max_abs_bits, encode_pack, expand,
+                            dot,      dropout_run,  ggml_expand};
   return k;
 }
 

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 
+#include "cpu/ggml_expand.h"
 #include "cpu/isa_kernels.h"
 
 namespace qlora::cpu {
@@ -78,10 +79,16 @@ void dropout_run(const float* in, float* out, int64_t n, uint64_t first,
   }
 }
 
+void ggml_expand(detail::GgmlCode code, const uint8_t* src, int64_t blocks, int32_t block_size,
+                 int32_t type_size, Expand kind, void* dst) {
+  ggml_expand_body(code, src, blocks, block_size, type_size, kind, dst);
+}
+
 }  // namespace
 
 const IsaKernels& portable_kernels() {
-  static const IsaKernels k{"portable", max_abs_bits, encode_pack, expand, dot, dropout_run};
+  static const IsaKernels k{"portable", max_abs_bits, encode_pack, expand,
+                            dot,        dropout_run,  ggml_expand};
   return k;
 }
 

@@ -34,19 +34,6 @@ int64_t rows_per_chunk(int64_t K) {
   return std::max<int64_t>(8, kMaxExpandedWeights / std::max<int64_t>(K, 1));
 }
 
-// Grows, never shrinks: the expansion buffer of this thread (at most
-// kMaxExpandedWeights elements plus one chunk's rounding).
-template <typename W>
-W* expansion_buffer(int64_t n) {
-  thread_local std::vector<W> buffer;
-  if (static_cast<int64_t>(buffer.size()) < n) {
-    buffer.clear();
-    buffer.shrink_to_fit();
-    buffer.resize(n);
-  }
-  return buffer.data();
-}
-
 // Chunks run one after the other: the expansion of a chunk and its GEMM are
 // each parallel on their own (a GEMM inside at::parallel_for would nest
 // thread pools and oversubscribe the cores). T is the input dtype (the
@@ -57,7 +44,7 @@ at::Tensor chunked_matmul(const at::Tensor& x2d, const uint8_t* packed, const fl
   const int64_t rows = std::min(N, rows_per_chunk(K));
   const IsaKernels& k = isa_kernels();
   const auto w_dtype = std::is_same_v<W, float> ? at::kFloat : at::kBFloat16;
-  W* w = expansion_buffer<W>(rows * K);
+  W* w = thread_buffer<W>(rows * K);
   at::Tensor out;
   for (int64_t r0 = 0; r0 < N; r0 += rows) {
     const int64_t r1 = std::min(N, r0 + rows);

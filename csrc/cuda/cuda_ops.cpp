@@ -5,6 +5,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/linear.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -14,6 +15,7 @@
 
 #include "cuda/launchers.h"
 #include "ops/checks.h"
+#include "ops/ggml_checks.h"
 #include "ops/matmul_4bit_composite.h"
 
 namespace qlora::cuda {
@@ -185,7 +187,34 @@ at::Tensor hash_dropout_cuda(const at::Tensor& input, double p, int64_t seed) {
 
 }  // namespace
 
+at::Tensor ggml_dequantize_cuda(const at::Tensor& blocks, std::string_view ggml_type,
+                                c10::SymIntArrayRef shape, at::ScalarType dtype) {
+  const auto& layout = detail::check_ggml_dequantize(blocks, ggml_type, shape, dtype);
+  require_cuda("ggml_dequantize", blocks, "blocks");
+  const c10::cuda::CUDAGuard guard(blocks.device());
+  const at::Tensor src = blocks.contiguous();
+  at::Tensor out = at::empty(C10_AS_INTARRAYREF_SLOW(shape), src.options().dtype(dtype));
+  C10_CUDA_CHECK(ggml_dequantize(static_cast<int32_t>(layout.code), layout.block_size,
+                                 layout.type_size, src.const_data_ptr<uint8_t>(),
+                                 out.numel() / layout.block_size, out.mutable_data_ptr(),
+                                 to_dtype(dtype), at::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+// Dequantise into x's dtype, then cuBLAS (float64, for gradcheck, through
+// float32: exact).
+at::Tensor ggml_matmul_cuda(const at::Tensor& x, const at::Tensor& blocks,
+                            std::string_view ggml_type, c10::SymIntArrayRef shape,
+                            const std::optional<at::Tensor>& bias) {
+  detail::check_ggml_matmul(x, blocks, ggml_type, shape, bias);
+  const auto w_dtype = x.scalar_type() == at::kDouble ? at::kFloat : x.scalar_type();
+  return at::linear(x, ggml_dequantize_cuda(blocks, ggml_type, shape, w_dtype).to(x.scalar_type()),
+                    bias);
+}
+
 TORCH_LIBRARY_IMPL(qlora, CUDA, m) {
+  m.impl("ggml_dequantize", &ggml_dequantize_cuda);
+  m.impl("ggml_matmul", &ggml_matmul_cuda);
   m.impl("quantize_4bit", &quantize_4bit_cuda);
   m.impl("dequantize_4bit", &dequantize_4bit_cuda);
   m.impl("dequantize_4bit.out", &dequantize_4bit_out_cuda);

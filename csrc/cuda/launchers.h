@@ -39,4 +39,9 @@ cudaError_t gemv_4bit(const void* A, Dtype dtype, int64_t M, int64_t N, int64_t 
 cudaError_t hash_dropout(const void* in, Dtype dtype, int64_t n, uint64_t seed, double p, void* out,
                          cudaStream_t stream);
 
+// Decodes `blocks` consecutive ggml blocks of type `code`
+// (common/ggml_blocks.h) into `out`, rounded once to `dtype`.
+cudaError_t ggml_dequantize(int32_t code, int32_t block_size, int32_t type_size, const uint8_t* src,
+                            int64_t blocks, void* out, Dtype dtype, cudaStream_t stream);
+
 }  // namespace qlora::cuda

@@ -85,4 +85,24 @@ at::Tensor hash_dropout(const at::Tensor& input, double p, int64_t seed) {
   return op.call(input, p, seed);
 }
 
+at::Tensor ggml_dequantize_symint(const at::Tensor& blocks, std::string_view ggml_type,
+                                  c10::SymIntArrayRef shape, at::ScalarType dtype) {
+  static auto op = op_handle<at::Tensor(const at::Tensor&, std::string_view, c10::SymIntArrayRef,
+                                        at::ScalarType)>("qlora::ggml_dequantize");
+  return op.call(blocks, ggml_type, shape, dtype);
+}
+
+at::Tensor ggml_dequantize(const at::Tensor& blocks, std::string_view ggml_type,
+                           at::IntArrayRef shape, at::ScalarType dtype) {
+  return ggml_dequantize_symint(blocks, ggml_type, c10::fromIntArrayRefSlow(shape), dtype);
+}
+
+at::Tensor ggml_matmul(const at::Tensor& x, const at::Tensor& blocks, std::string_view ggml_type,
+                       at::IntArrayRef shape, const std::optional<at::Tensor>& bias) {
+  static auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, std::string_view,
+                                        c10::SymIntArrayRef, const std::optional<at::Tensor>&)>(
+      "qlora::ggml_matmul");
+  return op.call(x, blocks, ggml_type, c10::fromIntArrayRefSlow(shape), bias);
+}
+
 }  // namespace qlora

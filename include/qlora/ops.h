@@ -59,4 +59,21 @@ at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
 // backward and recomputation need no mask tensor. p in [0, 1).
 at::Tensor hash_dropout(const at::Tensor& input, double p, int64_t seed);
 
+// A weight kept in a GGUF tensor's own ggml blocks (F32, F16, BF16, Q4_0,
+// Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K), never re-quantised: `blocks` is
+// a uint8 tensor of the stored bytes, `ggml_type` ggml's name of their type
+// ("Q4_K"), `shape` the logical [out, in] (in a multiple of the block size).
+// The float32 values are bit-identical to ggml's and gguf-py's
+// dequantisation, then rounded once to `dtype`.
+at::Tensor ggml_dequantize(const at::Tensor& blocks, std::string_view ggml_type,
+                           at::IntArrayRef shape, at::ScalarType dtype);
+at::Tensor ggml_dequantize_symint(const at::Tensor& blocks, std::string_view ggml_type,
+                                  c10::SymIntArrayRef shape, at::ScalarType dtype);
+
+// x @ ggml_dequantize(W)^T + bias, differentiable w.r.t. x and bias (the
+// blocks are frozen), with matmul_4bit's numerics: weights rounded to x's
+// dtype, float32 accumulation.
+at::Tensor ggml_matmul(const at::Tensor& x, const at::Tensor& blocks, std::string_view ggml_type,
+                       at::IntArrayRef shape, const std::optional<at::Tensor>& bias = std::nullopt);
+
 }  // namespace qlora

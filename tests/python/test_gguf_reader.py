@@ -7,7 +7,7 @@ every tensor dequantised to float32 into a safetensors file.
 
 Files are written with gguf-py's GGUFWriter; quantised data comes from
 gguf.quants.quantize where gguf-py can quantise (F32, F16, BF16, Q8_0, Q4_0,
-Q4_1, Q5_0, Q5_1) and from random blocks otherwise (Q4_K, Q6_K). Results
+Q4_1, Q5_0, Q5_1) and from random blocks otherwise (Q4_K, Q5_K, Q6_K). Results
 must equal gguf.quants.dequantize bit for bit; the one exception is the bit
 pattern of NaNs decoded from F16 (ggml itself gives different payloads on
 F16C hardware and in its portable fallback), where both must be NaN.
@@ -30,7 +30,7 @@ from safetensors.numpy import load_file
 # Types gguf-py 0.19.0 can produce with gguf.quants.quantize.
 QUANTIZABLE = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]
 # Types it can only dequantise: tested with random blocks.
-RANDOM_ONLY = [Q.Q4_K, Q.Q6_K]
+RANDOM_ONLY = [Q.Q4_K, Q.Q5_K, Q.Q6_K]
 SUPPORTED = QUANTIZABLE + RANDOM_ONLY
 
 # The f16 scale fields (byte ranges) of each block type; random blocks get
@@ -42,6 +42,7 @@ HALF_FIELDS = {
     Q.Q5_0: [0],
     Q.Q5_1: [0, 2],
     Q.Q4_K: [0, 2],
+    Q.Q5_K: [0, 2],
     Q.Q6_K: [208],
 }
 
@@ -226,14 +227,14 @@ def test_dequant_selected_names_and_unsupported_types(tool, tmp_path):
     rc, _, err = run(tool, "dequant", path, tmp_path / "x.safetensors", "kep")
     assert rc == 1 and "no tensor 'kep'; did you mean 'keep'?" in err
 
-    # Q5_K: the reader knows the layout, but there is no dequantiser for it.
-    q5k = rng.integers(0, 256, (1, 176), dtype=np.uint8)
-    path = write_gguf(tmp_path / "q5k.gguf", {"blk.0.ffn_up.weight": (q5k, Q.Q5_K)})
+    # Q3_K: the reader knows the layout, but there is no dequantiser for it.
+    q3k = rng.integers(0, 256, (1, 110), dtype=np.uint8)
+    path = write_gguf(tmp_path / "q3k.gguf", {"blk.0.ffn_up.weight": (q3k, Q.Q3_K)})
     listing = run_ok(tool, "dump", path)
-    assert "tensor blk.0.ffn_up.weight Q5_K ne=256,1 offset=0 nbytes=176" in listing
-    rc, _, err = run(tool, "dequant", path, tmp_path / "q5k.safetensors")
+    assert "tensor blk.0.ffn_up.weight Q3_K ne=256,1 offset=0 nbytes=110" in listing
+    rc, _, err = run(tool, "dequant", path, tmp_path / "q3k.safetensors")
     assert rc == 1
-    assert "tensor 'blk.0.ffn_up.weight' has ggml type Q5_K, which cannot be dequantized" in err
+    assert "tensor 'blk.0.ffn_up.weight' has ggml type Q3_K, which cannot be dequantized" in err
 
 
 # ---------------------------------------------------------------- metadata

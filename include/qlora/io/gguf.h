@@ -92,7 +92,7 @@ const GgmlTypeTraits* find_ggml_type(int32_t raw);
 const GgmlTypeTraits& ggml_type_traits(GgmlType type);
 // "Q4_K"; "unknown ggml type N" outside the enum.
 std::string ggml_type_name(GgmlType type);
-// F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K and Q6_K.
+// F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K.
 bool ggml_can_dequantize(GgmlType type);
 
 // One metadata value: a scalar, a string, or an array of scalars or of
@@ -229,6 +229,11 @@ class GgufReader {
   // `dtype` (a floating-point type). Throws GgufError naming the tensor and
   // its type when ggml_can_dequantize(type) is false.
   at::Tensor dequantize(const std::string& name, at::ScalarType dtype = at::kFloat) const;
+  // Drops the tensor's mapped pages from this process's memory once only a
+  // copy of it is kept (after dequantize): a model read tensor by tensor
+  // never has the whole file resident. No raw() view of it may have been
+  // written to: those writes would be lost.
+  void release(const std::string& name) const;
 
  private:
   GgufReader() = default;

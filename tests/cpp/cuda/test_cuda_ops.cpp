@@ -94,3 +94,51 @@ TEST_F(CudaOps, GemvAndMatmulMatchCpu) {
 }
 
 }  // namespace
+
+namespace {
+
+// Random ggml blocks of every kept type with finite f16 scales below 2^-7
+// (bytes at `halves`), so 16-bit outputs stay finite.
+at::Tensor random_ggml_blocks(int64_t rows, int64_t row_bytes, int64_t type_size,
+                              std::initializer_list<int64_t> halves) {
+  at::Tensor b = torch::randint(0, 256, {rows * row_bytes / type_size, type_size}, at::kByte);
+  for (int64_t at_byte : halves) {
+    const at::Tensor bits = torch::randint(0, 0x2000, {b.size(0)}, at::kShort);
+    b.narrow(1, at_byte, 2).copy_(bits.view(at::kByte).view({-1, 2}));
+  }
+  return b.view({rows, row_bytes});
+}
+
+}  // namespace
+
+TEST_F(CudaOps, GgmlDequantizeAndMatmulMatchCpu) {
+  torch::manual_seed(3);
+  struct Type {
+    const char* name;
+    int64_t block_size, type_size;
+    std::initializer_list<int64_t> halves;
+  };
+  const Type types[] = {{"Q4_0", 32, 18, {0}},      {"Q4_1", 32, 20, {0, 2}},
+                        {"Q5_0", 32, 22, {0}},      {"Q5_1", 32, 24, {0, 2}},
+                        {"Q8_0", 32, 34, {0}},      {"Q4_K", 256, 144, {0, 2}},
+                        {"Q5_K", 256, 176, {0, 2}}, {"Q6_K", 256, 210, {208}}};
+  const int64_t N = 24, K = 512;
+  for (const Type& t : types) {
+    const at::Tensor blocks =
+        random_ggml_blocks(N, K / t.block_size * t.type_size, t.type_size, t.halves);
+    for (auto dtype : {at::kFloat, at::kHalf, at::kBFloat16}) {
+      const at::Tensor wc = qlora::ggml_dequantize(blocks, t.name, {N, K}, dtype);
+      const at::Tensor wg = qlora::ggml_dequantize(blocks.cuda(), t.name, {N, K}, dtype);
+      ASSERT_TRUE(at::equal(wg.cpu(), wc)) << t.name << " " << dtype;
+    }
+    const at::Tensor x = torch::randn({7, K});
+    const at::Tensor bias = torch::randn({N});
+    const at::Tensor yc = qlora::ggml_matmul(x, blocks, t.name, {N, K}, bias);
+    const at::Tensor xg = x.cuda().requires_grad_();
+    const at::Tensor yg = qlora::ggml_matmul(xg, blocks.cuda(), t.name, {N, K}, bias.cuda());
+    EXPECT_TRUE(at::allclose(yg.cpu(), yc, 1e-4, 1e-3)) << t.name;
+    yg.sum().backward();
+    const at::Tensor w = qlora::ggml_dequantize(blocks, t.name, {N, K}, at::kFloat);
+    EXPECT_TRUE(at::allclose(xg.grad().cpu(), torch::ones({7, N}).matmul(w), 1e-4, 1e-3)) << t.name;
+  }
+}

@@ -472,7 +472,9 @@ TEST_F(GgufTest, RejectsBadShapesAndTypes) {
   expect_rejected(spec, "tensor 'norm' has negative ne[1] = -1");
   spec.tensors[1].ne = {int64_t{1} << 32, int64_t{1} << 32};
   expect_rejected(spec, "tensor 'norm' has ne [4294967296, 4294967296], more elements than fit");
-  spec.tensors[1].ne = {int64_t{1} << 61, 2};  // elements fit, bytes (x4) do not
+  spec.tensors[1].ne = {int64_t{1} << 61, 2};  // elements fit, a row's bytes (x4) do not
+  expect_rejected(spec, "has rows of more bytes than fit in 63 bits");
+  spec.tensors[1].ne = {int64_t{1} << 60, 4};  // rows fit, the whole tensor's bytes do not
   expect_rejected(spec, "has more bytes than fit in 64 bits");
 
   spec = three_tensors();
@@ -730,12 +732,13 @@ TEST_F(GgufTest, KnownQ8_0AndQ4_0Values) {
 
 TEST_F(GgufTest, UnsupportedTypesFailAtDequantizeNotAtOpen) {
   GgufSpec spec;
-  spec.tensors = {tensor("blk.0.ffn_up.weight", {256}, GgmlType::Q5_K, std::string(176, '\0'))};
+  spec.tensors = {tensor("blk.0.ffn_up.weight", {256}, GgmlType::Q3_K, std::string(110, '\0'))};
   const GgufReader r = GgufReader::open(write(spec));
-  EXPECT_EQ(r.raw("blk.0.ffn_up.weight").numel(), 176);
+  EXPECT_EQ(r.raw("blk.0.ffn_up.weight").numel(), 110);
   expect_error([&] { r.dequantize("blk.0.ffn_up.weight"); },
-               "tensor 'blk.0.ffn_up.weight' has ggml type Q5_K, which cannot be dequantized "
-               "(supported: F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K, BF16)");
+               "tensor 'blk.0.ffn_up.weight' has ggml type Q3_K, which cannot be dequantized "
+               "(supported: F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16)");
+  EXPECT_TRUE(ggml_can_dequantize(GgmlType::Q5_K));
   EXPECT_FALSE(ggml_can_dequantize(GgmlType::Q2_K));
   EXPECT_TRUE(ggml_can_dequantize(GgmlType::Q6_K));
 }
