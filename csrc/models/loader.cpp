@@ -13,6 +13,7 @@
 #include "qlora/io/gguf.h"
 #include "qlora/io/safetensors.h"
 #include "qlora/models/gguf_qk_permutation.h"
+#include "qlora/nn/ggml_linear.h"
 #include "qlora/nn/lora_linear.h"
 #include "qlora/nn/qlora_linear.h"
 #include "qlora/quant_state.h"
@@ -82,6 +83,17 @@ struct TensorStore {
   std::function<bool(const std::string&)> contains;
   std::function<at::Tensor(const std::string&)> get;  // as stored (GGUF: dequantised float32)
   std::function<std::string(const std::string&)> file_of;
+  // Called once get()'s zero-copy view has been converted (a copy is all
+  // that is kept): its mapped pages may leave memory. GGUF's get() copies
+  // and releases on its own.
+  std::function<void(const std::string&)> release;
+  // GGUF only: a weight's stored blocks, rows in Hugging Face order.
+  struct Blocks {
+    at::Tensor bytes;            // uint8 [out, row bytes]
+    std::string ggml_type;       // "Q4_K"
+    std::vector<int64_t> shape;  // [out, in]
+  };
+  std::function<Blocks(const std::string&)> blocks;
 };
 
 TensorStore safetensors_store(const std::string& dir) {
@@ -91,6 +103,7 @@ TensorStore safetensors_store(const std::string& dir) {
   s.names = st->names();
   s.contains = [st](const std::string& n) { return st->contains(n); };
   s.get = [st](const std::string& n) { return st->get(n); };
+  s.release = [st](const std::string& n) { st->release(n); };
   s.file_of = [st](const std::string& n) {
     for (const auto& shard : st->shards())
       if (shard.contains(n)) return shard.path();
@@ -141,12 +154,24 @@ TensorStore gguf_store(const io::GgufReader& reader, const LlamaConfig& config) 
   const int64_t n_head = config.num_attention_heads, n_kv = config.num_key_value_heads;
   s.get = [reader, hf_to_gguf, n_head, n_kv](const std::string& n) {
     const at::Tensor t = reader.dequantize(hf_to_gguf->at(n), at::kFloat);
+    reader.release(hf_to_gguf->at(n));  // the dequantised copy is all that is kept
     // llama.cpp's converter interleaves the rotary halves of q/k rows.
     if (n.find(".self_attn.q_proj.") != std::string::npos)
       return models::reverse_llama_qk_permutation(t, n_head);
     if (n.find(".self_attn.k_proj.") != std::string::npos)
       return models::reverse_llama_qk_permutation(t, n_kv);
     return t;
+  };
+  s.blocks = [reader, hf_to_gguf, n_head, n_kv](const std::string& n) {
+    const io::GgufTensorInfo& info = reader.tensor_info(hf_to_gguf->at(n));
+    TensorStore::Blocks b{reader.raw(info.name), io::ggml_type_name(info.type), info.torch_shape()};
+    // The permutation moves whole rows, and a row is a whole number of
+    // blocks: it applies to the stored bytes as to the values.
+    if (n.find(".self_attn.q_proj.") != std::string::npos)
+      b.bytes = models::reverse_llama_qk_permutation(b.bytes, n_head);
+    else if (n.find(".self_attn.k_proj.") != std::string::npos)
+      b.bytes = models::reverse_llama_qk_permutation(b.bytes, n_kv);
+    return b;
   };
   s.file_of = [path = reader.path(), hf_to_gguf](const std::string& n) {
     auto it = hf_to_gguf->find(n);
@@ -186,6 +211,8 @@ class StreamingWeights : public LlamaWeightSource {
     if (bnb_ && (store_.contains(name + ".weight.quant_state.bitsandbytes__nf4") ||
                  store_.contains(name + ".weight.quant_state.bitsandbytes__fp4")))
       return packed_linear(name, in, out, b, target);
+    // Kept GGUF blocks: every Linear but lm_head (dense, as below).
+    if (opts_.gguf_native && name != "lm_head") return ggml_linear(name, in, out, b, target);
     const at::Tensor w = fetch(name + ".weight", {out, in});
     // lm_head stays dense: quantising the output layer costs the most accuracy.
     const bool quantize = opts_.quantize && name != "lm_head" && (target || !opts_.lora);
@@ -240,7 +267,33 @@ class StreamingWeights : public LlamaWeightSource {
                 "\" is ", t.scalar_type(), ", expected a floating-point tensor",
                 bnb_ ? "" : " (a 4-bit checkpoint needs a quantization_config in config.json)");
     used_.insert(name);
-    return t.to(opts_.device, opts_.dtype);
+    at::Tensor out = t.to(opts_.device, opts_.dtype);
+    // A converted tensor no longer needs its pages of the file: a 7B
+    // checkpoint read tensor by tensor never becomes resident as a whole.
+    if (store_.release && !out.is_alias_of(t)) store_.release(name);
+    return out;
+  }
+
+  std::shared_ptr<torch::nn::Module> ggml_linear(const std::string& name, int64_t in, int64_t out,
+                                                 const std::optional<at::Tensor>& b, bool target) {
+    const std::string key = name + ".weight";
+    TORCH_CHECK(store_.contains(key), "load_llama: ", store_.description, ": missing tensor \"",
+                key, "\" (needed by the model ", config_source_, " describes)");
+    TensorStore::Blocks blocks = store_.blocks(key);
+    TORCH_CHECK(blocks.shape == std::vector<int64_t>({out, in}),
+                "load_llama: ", store_.file_of(key), ": tensor \"", key, "\" has shape ",
+                at::IntArrayRef(blocks.shape), " but ", config_source_, " needs [", out, ", ", in,
+                "]");
+    used_.insert(key);
+    quantized.push_back(name);
+    if (!target) inert.push_back(name);
+    try {
+      return std::make_shared<nn::GgmlLoRALinearImpl>(
+          blocks.bytes.to(opts_.device), blocks.ggml_type, out, in, b,
+          target ? *opts_.lora : inert_config(), opts_.gguf_native->compute_dtype);
+    } catch (const c10::Error& e) {
+      TORCH_CHECK(false, "load_llama: ", store_.file_of(key), ": ", e.msg());
+    }
   }
 
   std::shared_ptr<torch::nn::Module> packed_linear(const std::string& name, int64_t in, int64_t out,
@@ -346,6 +399,8 @@ LlamaForCausalLM load_llama(const std::string& path, const LoadOptions& opts, Lo
 
   std::optional<BnbConfig> bnb;
   TensorStore store;
+  TORCH_CHECK(!opts.gguf_native || format == "gguf", "load_llama: ", path,
+              " is not a GGUF file: keeping ggml blocks (gguf-native bases) needs one");
   if (format == "gguf") {
     const io::GgufReader reader = io::GgufReader::open(path);
     rep.config = LlamaConfig::from_gguf(reader);

@@ -13,6 +13,7 @@
 
 #include "nn/lora_config_json.h"
 #include "qlora/nn/apply_lora.h"
+#include "qlora/nn/ggml_linear.h"
 #include "qlora/nn/lora_linear.h"
 #include "qlora/nn/qlora_linear.h"
 #include "util/strings.h"
@@ -140,6 +141,11 @@ void save_qnat(const std::string& path, models::LlamaForCausalLMImpl& model,
       }
       quant_states[w] = st;
       packed_names.insert(w);
+    } else if (auto g = std::dynamic_pointer_cast<nn::GgmlLoRALinearImpl>(layer)) {
+      // A GGUF tensor's own blocks, kept: "<name>.weight" holds them as uint8.
+      m["type"] = "ggml";
+      m["ggml_type"] = g->ggml_type();
+      m["compute_dtype"] = io::qnat_scalar_name(g->compute_dtype());
     } else if (std::dynamic_pointer_cast<nn::LoRALinearImpl>(layer)) {
       m["type"] = "lora";
     } else {
@@ -221,6 +227,7 @@ class QnatWeights : public LlamaWeightSource {
     const std::string type = m.at("type").get<std::string>();
     if (type == "lora")
       return std::make_shared<nn::LoRALinearImpl>(fetch(name + ".weight", {out, in}), b, lora);
+    if (type == "ggml") return ggml_linear(name, m, in, out, b, lora);
     if (type != "qlora")
       fail(file_.path(), "metadata module \"" + name + "\" has unknown type \"" + type + "\"");
     const std::string w = name + ".weight";
@@ -261,6 +268,24 @@ class QnatWeights : public LlamaWeightSource {
   std::set<std::string> used;
 
  private:
+  std::shared_ptr<torch::nn::Module> ggml_linear(const std::string& name, const json& m, int64_t in,
+                                                 int64_t out, const std::optional<at::Tensor>& b,
+                                                 const nn::LoRAConfig& lora) {
+    const std::string w = name + ".weight";
+    const at::Tensor blocks = raw(w);
+    if (blocks.scalar_type() != at::kByte || blocks.dim() != 2 || blocks.size(0) != out)
+      fail_tensor(file_.path(), w,
+                  "ggml blocks must be a uint8 [" + std::to_string(out) + ", row bytes] tensor");
+    const auto compute = io::qnat_scalar_from_name(m.at("compute_dtype").get<std::string>());
+    if (!compute) fail(file_.path(), "metadata module \"" + name + "\": unknown compute_dtype");
+    try {
+      return std::make_shared<nn::GgmlLoRALinearImpl>(blocks, m.at("ggml_type").get<std::string>(),
+                                                      out, in, b, lora, *compute);
+    } catch (const c10::Error& e) {
+      fail_tensor(file_.path(), w, e.what_without_backtrace());
+    }
+  }
+
   at::Tensor raw(const std::string& name) {
     if (!file_.contains(name)) fail_tensor(file_.path(), name, "missing (needed by the model)");
     used.insert(name);

@@ -1,6 +1,7 @@
 #include "qlora/nn/lora_layer.h"
 
 #include "qlora/nn/hash_dropout.h"
+#include "qlora/nn/recompute_tape.h"
 
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/linalg_vector_norm.h>
@@ -14,6 +15,24 @@ namespace qlora::nn {
 LoRALayerImpl::LoRALayerImpl(int64_t in_features, int64_t out_features, const LoRAConfig& config)
     : in_features_(in_features), out_features_(out_features), config_(config) {
   config_.validate();
+}
+
+at::Tensor LoRALayerImpl::frozen_base_matmul(const at::Tensor& x, at::ScalarType compute_dtype,
+                                             const BaseMatmul& matmul, const BaseReplay& replay) {
+  const std::optional<at::Tensor> b = base_bias();
+  const at::Tensor xc = x.to(compute_dtype);
+  const std::optional<at::Tensor> bc =
+      b ? std::optional<at::Tensor>(b->to(compute_dtype)) : std::nullopt;
+  at::Tensor y;
+  if (RecomputeTape* tape = replaying_tape()) {
+    std::vector<int64_t> sizes(xc.sizes().begin(), xc.sizes().end() - 1);
+    sizes.push_back(out_features());
+    y = replay(xc, bc, tape->replay(sizes));
+  } else {
+    y = matmul(xc, bc);
+    if (RecomputeTape* tape = recording_tape()) tape->record(y);
+  }
+  return y.to(x.scalar_type());
 }
 
 void LoRALayerImpl::init_adapter(c10::Device device) {

@@ -1,6 +1,5 @@
 #include "qlora/nn/qlora_linear.h"
 
-#include "qlora/nn/recompute_tape.h"
 #include "qlora/ops.h"
 
 #include "autograd/matmul_4bit_autograd.h"
@@ -43,22 +42,16 @@ void QLoRALinearImpl::register_base(const at::Tensor& packed, const QuantState& 
 }
 
 at::Tensor QLoRALinearImpl::base_forward(const at::Tensor& x) {
-  const std::optional<at::Tensor> b = base_bias();
-  const at::Tensor xc = x.to(compute_dtype_);
-  const std::optional<at::Tensor> bc =
-      b ? std::optional<at::Tensor>(b->to(compute_dtype_)) : std::nullopt;
-  at::Tensor y;
-  if (RecomputeTape* tape = replaying_tape()) {
-    std::vector<int64_t> sizes(xc.sizes().begin(), xc.sizes().end() - 1);
-    sizes.push_back(out_features());
-    y = detail::matmul_4bit_replay(xc, packed_, state_.float_absmax(), state_.blocksize,
-                                   state_.quant_type, state_.shape, bc, tape->replay(sizes));
-  } else {
-    y = matmul_4bit(xc, packed_, state_.float_absmax(), state_.blocksize, state_.quant_type,
-                    state_.shape, bc);
-    if (RecomputeTape* tape = recording_tape()) tape->record(y);
-  }
-  return y.to(x.scalar_type());
+  return frozen_base_matmul(
+      x, compute_dtype_,
+      [&](const at::Tensor& xc, const std::optional<at::Tensor>& bc) {
+        return matmul_4bit(xc, packed_, state_.float_absmax(), state_.blocksize, state_.quant_type,
+                           state_.shape, bc);
+      },
+      [&](const at::Tensor& xc, const std::optional<at::Tensor>& bc, const at::Tensor& recorded) {
+        return detail::matmul_4bit_replay(xc, packed_, state_.float_absmax(), state_.blocksize,
+                                          state_.quant_type, state_.shape, bc, recorded);
+      });
 }
 
 at::Tensor QLoRALinearImpl::base_weight(at::ScalarType dtype) const {

@@ -49,7 +49,9 @@ ModelContext ModelContext::load(const TrainConfig& config,
   load.lora = ctx.lora;
   load.format = c.model.format;
   load.device = ctx.device;
-  if (c.model.quantize)
+  if (c.model.base_format == "gguf-native")
+    load.gguf_native = models::LoadOptions::GgufNativeBase{dtype_named(c.model.compute_dtype)};
+  else if (c.model.quantize)
     load.quantize = nn::QuantizedBaseConfig{
         QuantConfig{c.model.blocksize, c.model.quant_type, c.model.double_quant},
         dtype_named(c.model.compute_dtype)};

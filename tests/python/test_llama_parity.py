@@ -19,7 +19,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
-from conftest import BUILD  # noqa: E402
+from conftest import BUILD, REPO, llama_cpp_or_skip  # noqa: E402
 
 TOOL = os.environ.get("QLORA_LLAMA_TOOL") or str(BUILD / "tests" / "llama_tool")
 FP32_TOL = 1e-4
@@ -300,6 +300,49 @@ def test_gguf_smollm2_greedy(smollm2):
     with torch.no_grad():
         ref = model.generate(torch.tensor(ids), max_new_tokens=12, do_sample=False).tolist()
     assert our_generate(path, ids, 12) == ref
+
+
+# ---- GGUF blocks kept (gguf-native bases) -------------------------------------------------
+#
+# With --gguf-native every Linear but lm_head multiplies the file's own Q4_1 blocks
+# (qlora::ggml_matmul): the same weights as dequantising while loading, so the logits are
+# those of the dense path up to float32 summation order; the dense path itself matches
+# transformers (above). Against llama.cpp the comparison is the perplexity of a text no one
+# here wrote (the Apache licence), on the tokens llama.cpp itself makes of it: re-quantising
+# to NF4 moves it by tens of percent, keeping the blocks must not.
+PPL_TOKENS = 256
+
+
+def perplexity(logits, ids):
+    logp = torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64), -1)
+    nll = -logp[:-1].gather(-1, torch.as_tensor(ids[1:])[:, None]).mean()
+    return float(torch.exp(nll))
+
+
+@pytest.mark.parametrize("prompt", range(len(PROMPTS)))
+def test_gguf_native_smollm2_logits_equal_the_dequantised_model(prompt, tmp_path):
+    path = smollm2_gguf()
+    ids = [PROMPTS[prompt]]
+    native = our_logits(path, ids, tmp_path, "--gguf-native")
+    dense = our_logits(path, ids, tmp_path)
+    rel = (native - dense).abs().max().item() / dense.abs().max().item()
+    RESULTS[f"SmolLM2 gguf-native vs dequantised, prompt {prompt}"] = f"relative {rel:.3g}"
+    assert rel < 1e-4
+
+
+def test_gguf_native_smollm2_perplexity_is_llama_cpps(tmp_path):
+    path = smollm2_gguf()
+    theirs, ids = llama_cpp_or_skip(path, f"text:{REPO / 'LICENSE-APACHE'}",
+                                    max_tokens=PPL_TOKENS)
+    assert len(ids) == PPL_TOKENS
+    ppl_llama_cpp = perplexity(theirs, ids)
+    ppl_native = perplexity(our_logits(path, [ids], tmp_path, "--gguf-native")[0], ids)
+    ppl_nf4 = perplexity(our_logits(path, [ids], tmp_path, "--quantize", "nf4",
+                                    "--double-quant")[0], ids)
+    RESULTS["SmolLM2 perplexity (llama.cpp, gguf-native, NF4)"] = (
+        f"{ppl_llama_cpp:.3f}, {ppl_native:.3f}, {ppl_nf4:.3f}")
+    assert abs(ppl_native / ppl_llama_cpp - 1) < 0.02
+    assert abs(ppl_nf4 / ppl_llama_cpp - 1) > 0.1  # the check tells the two apart
 
 
 def test_tool_errors_name_the_file(tmp_path):

@@ -121,26 +121,22 @@ def test_resume_after_sigkill_is_bit_identical(tiny, tmp_path):
     assert (killed / "loss_curve.svg").read_text().startswith("<svg")
 
 
-def test_losses_match_transformers_peft_adamw(tiny, tmp_path):
-    """Plain LoRA (no quantisation, no dropout, one full batch per step so data
-    order cannot matter) against transformers + PEFT + torch.optim.AdamW."""
-    from peft import LoraConfig, PeftModel
-    from transformers import AutoModelForCausalLM
-
-    common = dict(model={"path": str(tiny["model"]), "quantize": False},
+def full_batch_config(model_path, tiny, **model_keys):
+    """Plain LoRA, no dropout, one full batch per step (data order cannot matter)."""
+    common = dict(model={"path": str(model_path), "quantize": False, **model_keys},
                   lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["all-linear"]},
                   data={"train": str(tiny["data"]), "max_length": 512})
-    n = len(tiny["records"])
-    train = {"micro_batch_size": n, "gradient_accumulation_steps": 1, "optimizer": "adamw",
-             "scheduler": "constant", "weight_decay": 0.0, "max_grad_norm": 0.0, "threads": 1, "seed": 3}
-    init = tmp_path / "init"
-    run(write_config(tmp_path / "init.yaml", tiny, init, **common,
-                     training={**train, "max_steps": 1, "lr": 0.0}))
-    ours = tmp_path / "ours"
-    run(write_config(tmp_path / "ours.yaml", tiny, ours, **common, training={**train, "max_steps": 5, "lr": 1e-2}))
-    our_losses = train_losses(ours)
+    train = {"micro_batch_size": len(tiny["records"]), "gradient_accumulation_steps": 1,
+             "optimizer": "adamw", "scheduler": "constant", "weight_decay": 0.0,
+             "max_grad_norm": 0.0, "threads": 1, "seed": 3}
+    return common, train
 
-    # The same examples, tokenised as our Alpaca template does.
+
+def peft_adamw_losses(model, adapter_dir, tiny, steps, lr):
+    """The losses of transformers + PEFT (starting from our adapter) + torch AdamW on the
+    full batch, tokenised as our Alpaca template does."""
+    from peft import PeftModel
+
     tok = tiny["tokenizer"]
     eos = tok.token_to_id("<eos>")
     header = ("Below is an instruction that describes a task. Write a response that appropriately "
@@ -155,21 +151,71 @@ def test_losses_match_transformers_peft_adamw(tiny, tmp_path):
     labels = torch.tensor([l + [-100] * (width - len(l)) for _, l in rows])
     mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in rows])
 
-    model = AutoModelForCausalLM.from_pretrained(str(tiny["model"]), dtype=torch.float32)
-    cfg_file = init / "adapter" / "adapter_config.json"
-    model = PeftModel.from_pretrained(model, str(init / "adapter"), is_trainable=True)
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["r"] == 4
+    model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     theirs = {}
-    for step in range(1, 6):
+    for step in range(1, steps + 1):
         opt.zero_grad()
         out = model(input_ids=ids, attention_mask=mask, labels=labels)
         out.loss.backward()
         opt.step()
         theirs[step] = out.loss.item()
-    assert json.loads(cfg_file.read_text())["r"] == 4
+    return theirs
+
+
+def test_losses_match_transformers_peft_adamw(tiny, tmp_path):
+    """Plain LoRA against transformers + PEFT + torch.optim.AdamW."""
+    from transformers import AutoModelForCausalLM
+
+    common, train = full_batch_config(tiny["model"], tiny)
+    init = tmp_path / "init"
+    run(write_config(tmp_path / "init.yaml", tiny, init, **common,
+                     training={**train, "max_steps": 1, "lr": 0.0}))
+    ours = tmp_path / "ours"
+    run(write_config(tmp_path / "ours.yaml", tiny, ours, **common, training={**train, "max_steps": 5, "lr": 1e-2}))
+    our_losses = train_losses(ours)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny["model"]), dtype=torch.float32)
+    theirs = peft_adamw_losses(model, init / "adapter", tiny, 5, 1e-2)
     for step in range(1, 6):
         assert our_losses[step] == pytest.approx(theirs[step], rel=1e-4, abs=1e-5), (step, our_losses, theirs)
+
+
+@pytest.mark.parametrize("outtype", ["q4_0", "q8_0"])
+def test_gguf_native_training_matches_peft_on_the_dequantised_gguf(tiny, tmp_path, outtype):
+    """model.base_format: gguf-native trains LoRA on the file's own blocks: the losses are
+    those of transformers + PEFT on the model transformers dequantises from the same GGUF."""
+    from transformers import AutoModelForCausalLM
+
+    gguf_file = tmp_path / f"tiny.{outtype}.gguf"
+    res = subprocess.run([str(QLORA), "export", "--model", str(tiny["model"]), "--format", "gguf",
+                          "--outtype", outtype, "--out", str(gguf_file), "--set", "model.quantize=false"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    common, train = full_batch_config(gguf_file, tiny, base_format="gguf-native",
+                                      tokenizer=str(tiny["model"]))
+    init = tmp_path / "init"
+    run(write_config(tmp_path / "init.yaml", tiny, init, **common,
+                     training={**train, "max_steps": 1, "lr": 0.0}))
+    ours = tmp_path / "ours"
+    run(write_config(tmp_path / "ours.yaml", tiny, ours, **common,
+                     training={**train, "max_steps": 5, "lr": 1e-2}))
+    our_losses = train_losses(ours)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=gguf_file.name,
+                                                 dtype=torch.float32)
+    theirs = peft_adamw_losses(model, init / "adapter", tiny, 5, 1e-2)
+    # The same weights on both sides: equal up to float32 summation order (4e-7 seen).
+    for step in range(1, 6):
+        assert our_losses[step] == pytest.approx(theirs[step], rel=2e-6, abs=0), (step, our_losses, theirs)
+    # The requantised run is a different model (5e-5 apart at step 1 on this near-uniform
+    # random model): the check can tell them apart.
+    nf4 = tmp_path / "nf4"
+    run(write_config(tmp_path / "nf4.yaml", tiny, nf4,
+                     **{**common, "model": {**common["model"], "base_format": "requantize",
+                                            "quantize": True, "blocksize": 32}},
+                     training={**train, "max_steps": 1, "lr": 0.0}))
+    assert abs(train_losses(nf4)[1] / theirs[1] - 1) > 1e-5
 
 
 def test_config_errors_exit_nonzero_and_write_nothing(tiny, tmp_path):

@@ -12,6 +12,7 @@
 //   --double-quant       with --quantize: double quantisation of absmax
 //   --blocksize N        with --quantize (default 64)
 //   --gguf               read MODEL_PATH as GGUF whatever its name
+//   --gguf-native        keep the GGUF Linear weights in their ggml blocks
 //   --mask MASK_JSON     attention_mask of 0/1, same shape as the ids
 //   --dtype NAME         float32 (default), bfloat16 or float16
 // Exits 0 on success, 1 with the error on stderr, 2 on bad usage.
@@ -41,7 +42,7 @@ struct Args {
 int usage() {
   std::cerr << "usage: llama_tool logits MODEL_PATH IDS_JSON OUT.safetensors [options]\n"
                "       llama_tool generate MODEL_PATH IDS_JSON N [options]\n"
-               "options: --quantize nf4|fp4 --double-quant --blocksize N --gguf --mask JSON "
+               "options: --quantize nf4|fp4 --double-quant --blocksize N --gguf --gguf-native --mask JSON "
                "--dtype float32|bfloat16|float16\n";
   return 2;
 }
@@ -95,6 +96,8 @@ bool parse(int argc, char** argv, Args& a) {
       blocksize = std::stoll(argv[++i]);
     } else if (opt == "--gguf") {
       a.load.format = "gguf";
+    } else if (opt == "--gguf-native") {
+      a.load.gguf_native = qlora::models::LoadOptions::GgufNativeBase{};
     } else if (opt == "--mask" && has_value) {
       a.mask = argv[++i];
     } else if (opt == "--dtype" && has_value) {

@@ -5,7 +5,8 @@
 //     quant_method "bitsandbytes", load_in_4bit): the packed NF4/FP4 weights
 //     go straight into QLoRALinear layers, never dequantised;
 //   - a GGUF file (llama architecture): ggml tensors dequantised, the
-//     llama.cpp Q/K row permutation undone.
+//     llama.cpp Q/K row permutation undone; or, with `gguf_native`, the
+//     Linear weights kept in their ggml blocks.
 //
 // Weights stream tensor by tensor while the model is built: safetensors
 // tensors are zero-copy views of the mapped file when dtype and device
@@ -34,6 +35,14 @@ struct LoadOptions {
   // embeddings). With `lora`: its targets. Without: every Linear but
   // lm_head, for 4-bit inference (see "inert adapters" below).
   std::optional<nn::QuantizedBaseConfig> quantize;
+  // GGUF sources only: every Linear but lm_head keeps the file's own ggml
+  // blocks (nn::GgmlLoRALinear over qlora::ggml_matmul, Q/K rows put back in
+  // Hugging Face order), never re-quantised; `quantize` is then unused.
+  // LoRA targets train on them, the others get inert adapters (below).
+  struct GgufNativeBase {
+    at::ScalarType compute_dtype = at::kFloat;  // dtype of the base matmuls
+  };
+  std::optional<GgufNativeBase> gguf_native;
   // "auto" (a path ending in .gguf is GGUF, a directory is a Hugging Face
   // folder), "hf" or "gguf".
   std::string format = "auto";
@@ -48,7 +57,7 @@ struct LoadReport {
   std::string format;  // "safetensors", "bnb-4bit" or "gguf"
   std::string config_source;
   LlamaConfig config;
-  std::vector<std::string> quantized;       // dotted names of the 4-bit Linear layers
+  std::vector<std::string> quantized;  // dotted names of the 4-bit (or ggml-block) Linear layers
   std::vector<std::string> inert_adapters;  // 4-bit layers with a frozen no-op adapter
   std::optional<nn::LoRAReport> lora;       // when LoadOptions::lora is set
 };

@@ -7,6 +7,7 @@
 #include <torch/nn/modules/dropout.h>
 #include <torch/nn/modules/linear.h>
 
+#include <functional>
 #include <optional>
 #include <ostream>
 
@@ -46,6 +47,15 @@ class LoRALayerImpl : public torch::nn::Module {
 
  protected:
   LoRALayerImpl(int64_t in_features, int64_t out_features, const LoRAConfig& config);
+  // The frozen base's output for a quantised base: x and the bias cast to
+  // `compute_dtype`, then `matmul(x, bias)`, recorded when a selective-
+  // recomputation tape records; while one replays, `replay(x, bias, output)`
+  // with the recorded output instead. The result is cast back to x's dtype.
+  using BaseMatmul = std::function<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&)>;
+  using BaseReplay = std::function<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&,
+                                              const at::Tensor&)>;
+  at::Tensor frozen_base_matmul(const at::Tensor& x, at::ScalarType compute_dtype,
+                                const BaseMatmul& matmul, const BaseReplay& replay);
   // Call once the base is in place (DoRA's magnitude starts at ||W|| rows).
   void init_adapter(c10::Device device);
   void pretty_print_adapter(std::ostream& stream) const;

@@ -18,6 +18,11 @@ struct TrainConfig {
     std::string format = "auto";
     std::string tokenizer;  // default: the model path
     bool quantize = true;   // QLoRA (4-bit base) or plain LoRA
+    // GGUF models: "requantize" (dequantise, then NF4/FP4 per quantize) or
+    // "gguf-native" (each Linear but lm_head keeps the file's ggml blocks,
+    // Q4_0 ... Q6_K, never re-quantised; quantize/quant_type/blocksize/
+    // double_quant are then unused).
+    std::string base_format = "requantize";
     std::string quant_type = "nf4";
     int64_t blocksize = 64;
     bool double_quant = true;

@@ -14,10 +14,16 @@
 #include <map>
 #include <set>
 
+#include "qlora/export/gguf_model.h"
+#include "qlora/io/gguf.h"
+#include "qlora/io/gguf_writer.h"
 #include "qlora/io/safetensors.h"
+#include "qlora/models/gguf_qk_permutation.h"
 #include "qlora/models/llama.h"
 #include "qlora/models/loader.h"
+#include "qlora/models/qnat.h"
 #include "qlora/nn/apply_lora.h"
+#include "qlora/nn/ggml_linear.h"
 #include "qlora/nn/qlora_linear.h"
 #include "qlora/nn/recompute_tape.h"
 #include "test_utils.h"
@@ -641,6 +647,165 @@ TEST(LlamaLoader, QuantizeWithoutLoraGivesFrozenFourBitLayers) {
   const double diff = max_diff(q->forward(ids), m->forward(ids));
   EXPECT_GT(diff, 0);
   EXPECT_LT(diff, 0.5);
+}
+
+// ---- GGUF bases kept in their ggml blocks (gguf-native) ------------------------
+
+// A llama GGUF of `m` as llama.cpp's converter writes one (Q/K rows
+// permuted), every matrix in `type`, norms in F32.
+void save_gguf(LlamaForCausalLMImpl& m, const std::string& path, io::GgmlType type) {
+  const LlamaConfig& c = m.config();
+  io::GgufWriter w;
+  w.add_string("general.architecture", "llama");
+  w.add_u32("llama.block_count", static_cast<uint32_t>(c.num_hidden_layers));
+  w.add_u32("llama.context_length", static_cast<uint32_t>(c.max_position_embeddings));
+  w.add_u32("llama.embedding_length", static_cast<uint32_t>(c.hidden_size));
+  w.add_u32("llama.feed_forward_length", static_cast<uint32_t>(c.intermediate_size));
+  w.add_u32("llama.attention.head_count", static_cast<uint32_t>(c.num_attention_heads));
+  w.add_u32("llama.attention.head_count_kv", static_cast<uint32_t>(c.num_key_value_heads));
+  w.add_f32("llama.attention.layer_norm_rms_epsilon", static_cast<float>(c.rms_norm_eps));
+  w.add_f32("llama.rope.freq_base", static_cast<float>(c.rope_theta));
+  for (const auto& p : m.named_parameters()) {
+    if (c.tie_word_embeddings && p.key() == "lm_head.weight") continue;
+    at::Tensor t = p.value().detach();
+    if (p.key().find("q_proj") != std::string::npos)
+      t = apply_llama_qk_permutation(t, c.num_attention_heads);
+    if (p.key().find("k_proj") != std::string::npos)
+      t = apply_llama_qk_permutation(t, c.num_key_value_heads);
+    w.add_tensor(gguf_tensor_name(p.key()), t, t.dim() == 2 ? type : io::GgmlType::F32);
+  }
+  w.write(path);
+}
+
+LlamaConfig gguf_friendly_config() {
+  LlamaConfig c = tiny_config();
+  c.intermediate_size = 64;  // rows of whole 32-element blocks
+  return c;
+}
+
+// A tiny random model written as a `type` GGUF in `dir`, loaded back with
+// its blocks kept and LoRA r on `targets` (none: no adapters).
+LlamaForCausalLM load_native(const TempDir& dir, io::GgmlType type,
+                             const std::vector<std::string>& targets, int64_t r = 2,
+                             LoadReport* report = nullptr) {
+  auto m = tiny_model(gguf_friendly_config());
+  const std::string path = dir.path + "/tiny.gguf";
+  save_gguf(*m, path, type);
+  LoadOptions opts;
+  opts.gguf_native = LoadOptions::GgufNativeBase{};
+  if (!targets.empty()) {
+    nn::LoRAConfig lora;
+    lora.r = r;
+    lora.target_modules = targets;
+    opts.lora = lora;
+  }
+  return load_llama(path, opts, report);
+}
+
+void randomise_lora_b(LlamaForCausalLMImpl& model) {
+  at::NoGradGuard no_grad;
+  for (auto& p : model.named_parameters())
+    if (p.key().find("lora_B") != std::string::npos) p.value().normal_(0, 0.1);
+}
+
+TEST(LlamaLoader, GgufNativeBasesComputeTheDequantisedModel) {
+  for (const auto type : {io::GgmlType::Q4_0, io::GgmlType::Q8_0}) {
+    auto m = tiny_model(gguf_friendly_config());
+    TempDir dir;
+    const std::string path = dir.path + "/tiny.gguf";
+    save_gguf(*m, path, type);
+    LoadOptions opts;
+    opts.gguf_native = LoadOptions::GgufNativeBase{};
+    LoadReport report;
+    auto native = load_llama(path, opts, &report);
+    auto dense = load_llama(path);
+    EXPECT_EQ(report.quantized.size(), 14u);  // every Linear but lm_head
+    EXPECT_EQ(report.inert_adapters, report.quantized);
+    auto layer = std::dynamic_pointer_cast<nn::GgmlLoRALinearImpl>(
+        native->named_modules()["model.layers.1.self_attn.q_proj"]);
+    ASSERT_TRUE(layer) << "q_proj is not a GgmlLoRALinear";
+    EXPECT_EQ(layer->ggml_type(), io::ggml_type_name(type));
+    // The very bytes of the file, rows put back in Hugging Face order.
+    const io::GgufReader reader = io::GgufReader::open(path);
+    EXPECT_TRUE(layer->blocks().equal(reverse_llama_qk_permutation(
+        reader.raw("blk.1.attn_q.weight"), tiny_config().num_attention_heads)));
+    EXPECT_TRUE(layer->base_weight(at::kFloat)
+                    .equal(dense->named_parameters()["model.layers.1.self_attn.q_proj.weight"]));
+    const at::Tensor ids = random_ids(2, 7, 64);
+    EXPECT_LT(max_diff(native->forward(ids), dense->forward(ids)), 1e-5);
+  }
+}
+
+TEST(LlamaLoader, GgufNativeLoraTrainsAndMergesIntoTheBlocks) {
+  TempDir dir;
+  LoadReport report;
+  auto model = load_native(dir, io::GgmlType::Q4_0, {"q_proj", "v_proj", "down_proj"}, 4, &report);
+  ASSERT_TRUE(report.lora.has_value());
+  EXPECT_EQ(report.lora->replaced.size(), 6u);
+  EXPECT_EQ(report.inert_adapters.size(), 8u);
+  model->train();
+  const at::Tensor ids = random_ids(2, 9, 64);
+  const at::Tensor loss = model->forward(ids).logsumexp(-1).mean();
+  loss.backward();
+  int64_t with_grad = 0;
+  for (const auto& p : model->named_parameters()) {
+    if (!p.value().requires_grad()) continue;
+    EXPECT_NE(p.key().find("lora_"), std::string::npos) << p.key() << " trains";
+    if (p.value().grad().defined() && p.value().grad().abs().sum().item<double>() > 0) ++with_grad;
+  }
+  EXPECT_EQ(with_grad, 6);  // lora_B of each target (lora_A's is zero while B is zero)
+  // merged_weight folds the adapter into the dequantised blocks.
+  auto layer = std::dynamic_pointer_cast<nn::GgmlLoRALinearImpl>(
+      model->named_modules()["model.layers.0.mlp.down_proj"]);
+  ASSERT_TRUE(layer);
+  {
+    at::NoGradGuard no_grad;
+    layer->lora_B.normal_();
+  }
+  const at::Tensor expected =
+      layer->base_weight(at::kFloat) + layer->scaling() * layer->lora_B.matmul(layer->lora_A);
+  EXPECT_LT(max_diff(layer->merged_weight(at::kFloat), expected.detach()), 1e-6);
+}
+
+TEST(LlamaLoader, GgufNativeModelsRoundTripThroughQnat) {
+  TempDir dir;
+  auto model = load_native(dir, io::GgmlType::Q4_0, {"q_proj", "up_proj"});
+  randomise_lora_b(*model);
+  save_qnat(dir.path + "/m.qnat", *model);
+  auto back = load_qnat(dir.path + "/m.qnat");
+  for (const char* name : {"model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"}) {
+    auto a = std::dynamic_pointer_cast<nn::GgmlLoRALinearImpl>(model->named_modules()[name]);
+    auto b = std::dynamic_pointer_cast<nn::GgmlLoRALinearImpl>(back->named_modules()[name]);
+    ASSERT_TRUE(a && b) << name;
+    EXPECT_EQ(b->ggml_type(), "Q4_0");
+    EXPECT_TRUE(a->blocks().equal(b->blocks())) << name;
+  }
+  const at::Tensor ids = random_ids(2, 7, 64);
+  EXPECT_TRUE(back->forward(ids).equal(model->forward(ids)));
+}
+
+TEST(LlamaLoader, GgufNativeNeedsAGgufFile) {
+  auto m = tiny_model();
+  TempDir dir;
+  save_hf(*m, dir.path);
+  LoadOptions opts;
+  opts.gguf_native = LoadOptions::GgufNativeBase{};
+  expect_error([&] { load_llama(dir.path, opts); },
+               "is not a GGUF file: keeping ggml blocks (gguf-native bases) needs one");
+}
+
+TEST(Llama, SelectiveRecomputationReplaysGgmlMatmuls) {
+  TempDir dir;
+  torch::manual_seed(5);
+  auto model = load_native(dir, io::GgmlType::Q8_0, {"all-linear"});
+  randomise_lora_b(*model);
+  const at::Tensor ids = random_ids(2, 12, 64);
+  const GradRun plain = train_step(*model, ids, false);
+  const GradRun selective = train_step(*model, ids, true, true);
+  EXPECT_TRUE(model->model->keeps_frozen_matmuls());
+  ASSERT_EQ(plain.grads.size(), selective.grads.size());
+  for (const auto& [name, g] : plain.grads)
+    EXPECT_LT(max_diff(g, selective.grads.at(name)), 1e-6) << name;
 }
 
 // A bitsandbytes-style folder written from our own quantiser: the packed
