@@ -25,7 +25,7 @@ at::ScalarType hf_dtype(const std::string& outtype) {
   if (outtype == "bf16") return at::kBFloat16;
   if (outtype == "f32") return at::kFloat;
   throw std::invalid_argument("export hf: outtype \"" + outtype +
-                              "\" is not f32, f16 or bf16 (q8_0 and q4_0 are GGUF types)");
+                              "\" is not f32, f16 or bf16 (q8_0, q4_0 and the K-quant mixes are GGUF types)");
 }
 
 }  // namespace

@@ -8,11 +8,13 @@
 #include <map>
 #include <optional>
 
+#include "export/gguf_quant_mix.h"
 #include "qlora/io/gguf.h"
 #include "qlora/io/gguf_writer.h"
 #include "qlora/models/gguf_qk_permutation.h"
 #include "qlora/nn/apply_lora.h"
 #include "qlora/nn/lora_layer.h"
+#include "qlora/tokenizers/tokenizer.h"
 #include "tokenizers/tokenizer_json.h"
 #include "util/strings.h"
 
@@ -104,14 +106,25 @@ bool is_lora(torch::nn::Module& root, const std::string& path) {
   return false;
 }
 
-GgmlType parse_outtype(const std::string& outtype, uint32_t* file_type) {
-  if (outtype == "f32") return *file_type = 0, GgmlType::F32;
-  if (outtype == "f16") return *file_type = 1, GgmlType::F16;
-  if (outtype == "q4_0") return *file_type = 2, GgmlType::Q4_0;
-  if (outtype == "q8_0") return *file_type = 7, GgmlType::Q8_0;
-  if (outtype == "bf16") return *file_type = 32, GgmlType::BF16;
+// A plain type for every matrix, or one of llama-quantize's K-quant mixes
+// (a type per tensor, export/gguf_quant_mix.h).
+struct OutType {
+  GgmlType matrix = GgmlType::F32;
+  std::optional<exporters::detail::KQuantMix> mix;
+  uint32_t file_type = 0;  // general.file_type: llama.cpp's llama_ftype
+};
+
+OutType parse_outtype(const std::string& outtype) {
+  if (outtype == "f32") return {GgmlType::F32, std::nullopt, 0};
+  if (outtype == "f16") return {GgmlType::F16, std::nullopt, 1};
+  if (outtype == "q4_0") return {GgmlType::Q4_0, std::nullopt, 2};
+  if (outtype == "q8_0") return {GgmlType::Q8_0, std::nullopt, 7};
+  if (outtype == "bf16") return {GgmlType::BF16, std::nullopt, 32};
+  if (const auto mix = exporters::detail::parse_kquant_mix(outtype))
+    return {GgmlType::F32, mix, exporters::detail::file_type_of(*mix)};
   throw GgufError("GGUF export: unknown outtype '" + outtype +
-                  "' (expected f32, f16, bf16, q8_0 or q4_0)");
+                  "' (expected f32, f16, bf16, q8_0, q4_0, q4_k_s, q4_k_m (q4_k), q5_k_s, "
+                  "q5_k_m (q5_k) or q6_k)");
 }
 
 bool file_exists(const std::string& path) { return std::ifstream(path).good(); }
@@ -163,7 +176,7 @@ void add_tokenizer_from_json(io::GgufWriter& w, const std::string& dir, const Ll
   for (const auto& [left, right] : tok.merges) merges.push_back(left + " " + right);
 
   w.add_string("tokenizer.ggml.model", "gpt2");
-  w.add_string("tokenizer.ggml.pre", "default");
+  w.add_string("tokenizer.ggml.pre", tok.ggml_pre);
   w.add_string_array("tokenizer.ggml.tokens", tokens);
   w.add_i32_array("tokenizer.ggml.token_type", types);
   w.add_string_array("tokenizer.ggml.merges", merges);
@@ -188,6 +201,42 @@ void add_tokenizer_from_json(io::GgufWriter& w, const std::string& dir, const Ll
   w.add_bool("tokenizer.ggml.add_bos_token", tok.add_bos);
   if (tok.add_eos) w.add_bool("tokenizer.ggml.add_eos_token", *tok.add_eos);
   if (tok.chat_template) w.add_string("tokenizer.chat_template", *tok.chat_template);
+}
+
+// A SentencePiece tokenizer.model as llama.cpp's "llama" vocabulary (what its converter
+// writes for Llama 2 / Mistral): pieces, scores and types, padded to the model's vocab_size
+// with unused pieces.
+void add_tokenizer_from_sentencepiece(io::GgufWriter& w, const std::string& model_path,
+                                      const LlamaConfig& config) {
+  const tokenizers::VocabSpec v = tokenizers::sentencepiece_vocab(model_path);
+  const auto n = static_cast<int64_t>(v.tokens.size());
+  if (n > config.vocab_size) {
+    throw GgufError("GGUF export: " + model_path + " has " + std::to_string(n) +
+                    " pieces but the model's vocab_size is " + std::to_string(config.vocab_size));
+  }
+  std::vector<std::string> tokens = v.tokens;
+  std::vector<float> scores = v.scores;
+  std::vector<int32_t> types = v.token_types;
+  for (int64_t i = n; i < config.vocab_size; ++i) {
+    tokens.push_back("[PAD" + std::to_string(i) + "]");
+    scores.push_back(-1000.0f);
+    types.push_back(5);  // UNUSED
+  }
+  w.add_string("tokenizer.ggml.model", "llama");
+  w.add_string("tokenizer.ggml.pre", "default");
+  w.add_string_array("tokenizer.ggml.tokens", tokens);
+  w.add_f32_array("tokenizer.ggml.scores", scores);
+  w.add_i32_array("tokenizer.ggml.token_type", types);
+  const auto put_id = [&](const char* key, std::optional<int32_t> id) {
+    if (id) w.add_u32(key, static_cast<uint32_t>(*id));
+  };
+  put_id("tokenizer.ggml.bos_token_id", v.bos_id);
+  put_id("tokenizer.ggml.eos_token_id", v.eos_id);
+  put_id("tokenizer.ggml.unknown_token_id", v.unk_id);
+  put_id("tokenizer.ggml.padding_token_id", v.pad_id);
+  w.add_bool("tokenizer.ggml.add_bos_token", v.add_bos);
+  w.add_bool("tokenizer.ggml.add_eos_token", v.add_eos);
+  w.add_bool("tokenizer.ggml.add_space_prefix", v.add_space_prefix);
 }
 
 // llama3 rope scaling as llama.cpp's rope_freqs.weight: default inv_freq /
@@ -258,6 +307,20 @@ at::Tensor hf_weight(LlamaForCausalLM& model, const std::string& name) {
   return linear_weight(*model, base_path(name));
 }
 
+// The shape of hf_weight(model, name), from the config alone: the export
+// announces every tensor before computing any.
+std::vector<int64_t> hf_weight_shape(const LlamaConfig& c, const std::string& name) {
+  const int64_t h = c.hidden_size, I = c.intermediate_size, hd = c.attention_head_dim();
+  const int64_t q = c.num_attention_heads * hd, kv = c.num_key_value_heads * hd;
+  if (ends_with(name, "norm.weight")) return {h};
+  if (name == "model.embed_tokens.weight" || name == "lm_head.weight") return {c.vocab_size, h};
+  if (ends_with(name, "q_proj.weight")) return {q, h};
+  if (ends_with(name, "k_proj.weight") || ends_with(name, "v_proj.weight")) return {kv, h};
+  if (ends_with(name, "o_proj.weight")) return {h, q};
+  if (ends_with(name, "down_proj.weight")) return {h, I};
+  return {I, h};  // gate_proj, up_proj
+}
+
 }  // namespace
 
 std::vector<std::pair<std::string, at::Tensor>> merged_hf_weights(LlamaForCausalLM& model) {
@@ -272,14 +335,13 @@ void export_gguf_merged(LlamaForCausalLM& model, const std::string& tokenizer_so
                         const std::string& out_path, const std::string& outtype) {
   const LlamaConfig& c = model->config();
   check_exportable(c);
-  uint32_t file_type = 0;
-  const GgmlType matrix_type = parse_outtype(outtype, &file_type);
+  const OutType out = parse_outtype(outtype);
 
   io::GgufWriter w;
   w.add_string("general.architecture", "llama");
   w.add_string("general.type", "model");
   w.add_string("general.name", "qlora-cpp merged export");
-  w.add_u32("general.file_type", file_type);
+  w.add_u32("general.file_type", out.file_type);
   w.add_u32("llama.vocab_size", static_cast<uint32_t>(c.vocab_size));
   w.add_u32("llama.context_length", static_cast<uint32_t>(c.max_position_embeddings));
   w.add_u32("llama.embedding_length", static_cast<uint32_t>(c.hidden_size));
@@ -299,29 +361,50 @@ void export_gguf_merged(LlamaForCausalLM& model, const std::string& tokenizer_so
     w.add_f32("llama.rope.scaling.factor", static_cast<float>(c.rope_scaling.factor));
   }
 
-  const bool is_gguf = ends_with(tokenizer_source, ".gguf");
-  if (is_gguf) {
+  // A SentencePiece model wins over a tokenizer.json beside it (Llama 2 folders hold both;
+  // their tokenizer.json is a conversion of it), as in llama.cpp's converter.
+  if (ends_with(tokenizer_source, ".gguf")) {
     add_tokenizer_from_gguf(w, tokenizer_source, c.vocab_size);
+  } else if (file_exists(tokenizer_source + "/tokenizer.model")) {
+    add_tokenizer_from_sentencepiece(w, tokenizer_source + "/tokenizer.model", c);
   } else if (file_exists(tokenizer_source + "/tokenizer.json")) {
     add_tokenizer_from_json(w, tokenizer_source, c);
   } else {
     throw GgufError("GGUF export: tokenizer source '" + tokenizer_source +
-                    "' is neither a .gguf file nor a folder holding tokenizer.json");
+                    "' is neither a .gguf file nor a folder holding tokenizer.model or "
+                    "tokenizer.json");
   }
 
   if (auto factors = rope_freq_factors(c))
     w.add_tensor("rope_freqs.weight", *factors, GgmlType::F32);
-  // One weight at a time: only its encoded bytes stay in memory.
-  for (const std::string& hf : hf_weight_names(model)) {
+  const std::vector<std::string> hf_names = hf_weight_names(model);
+  std::optional<exporters::detail::QuantMixState> mix_state;
+  if (out.mix) {
+    std::vector<std::string> names;
+    for (const std::string& hf : hf_names) names.push_back(gguf_tensor_name(hf));
+    mix_state = exporters::detail::make_quant_mix_state(
+        static_cast<int32_t>(c.num_hidden_layers), static_cast<int32_t>(c.num_attention_heads),
+        static_cast<int32_t>(c.num_key_value_heads), names);
+  }
+  // Every tensor is announced now and computed (merged, permuted, encoded)
+  // only when the writer reaches it: one weight in memory at a time.
+  for (const std::string& hf : hf_names) {
     const std::string name = gguf_tensor_name(hf);
-    const at::Tensor t = hf_weight(model, hf);
-    at::Tensor data = t;
-    if (ends_with(hf, "q_proj.weight")) {
-      data = models::apply_llama_qk_permutation(t, c.num_attention_heads);
-    } else if (ends_with(hf, "k_proj.weight")) {
-      data = models::apply_llama_qk_permutation(t, c.num_key_value_heads);
+    const std::vector<int64_t> shape = hf_weight_shape(c, hf);
+    GgmlType type = shape.size() == 1 ? GgmlType::F32 : out.matrix;
+    if (out.mix) {
+      // llama-quantize's choice for this tensor (ne0: the row length).
+      type = static_cast<GgmlType>(exporters::detail::choose_type(
+          *out.mix, name, shape.back(), static_cast<int>(shape.size()), *mix_state));
     }
-    w.add_tensor(name, data, data.dim() == 1 ? GgmlType::F32 : matrix_type);
+    w.add_tensor_lazy(name, shape, type, [&model, &c, hf]() {
+      const at::Tensor t = hf_weight(model, hf);
+      if (ends_with(hf, "q_proj.weight"))
+        return models::apply_llama_qk_permutation(t, c.num_attention_heads);
+      if (ends_with(hf, "k_proj.weight"))
+        return models::apply_llama_qk_permutation(t, c.num_key_value_heads);
+      return t;
+    });
   }
   w.write(out_path);
 }

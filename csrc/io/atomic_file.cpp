@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <random>
@@ -163,6 +164,14 @@ void write_bytes_atomic(const std::string& path, const void* data, size_t n) {
   write_file_atomic(path, [&](std::ostream& os) {
     os.write(static_cast<const char*>(data), static_cast<std::streamsize>(n));
   });
+}
+
+void MappedFile::drop_pages(size_t offset, size_t length) const {
+  if (data_ == nullptr || offset >= size_ || length == 0) return;
+  const auto page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+  const size_t begin = (offset + page - 1) / page * page;  // first whole page
+  const size_t end = std::min(size_, offset + length) / page * page;
+  if (end > begin) (void)::madvise(data_ + begin, end - begin, MADV_DONTNEED);
 }
 
 MappedFile::MappedFile(std::string path) : path_(std::move(path)) {

@@ -1,5 +1,8 @@
 #include "io/ggml_quant.h"
 
+#include "io/ggml_kquants.h"
+#include "io/ggml_legacy_quants.h"
+
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 
@@ -11,24 +14,11 @@ namespace qlora::io::detail {
 
 namespace {
 
-constexpr int64_t kQK = 32;  // elements per Q8_0 / Q4_0 block
+constexpr int64_t kQK = 32;  // elements per Q4_0 block
 
 void put_u16(uint8_t* dst, uint16_t v) {
   dst[0] = static_cast<uint8_t>(v & 0xff);
   dst[1] = static_cast<uint8_t>(v >> 8);
-}
-
-// quantize_row_q8_0_ref: d = amax / 127, q = roundf(x * (1 / d)).
-void quantize_block_q8_0(const float* x, uint8_t* y) {
-  float amax = 0.0f;
-  for (int64_t j = 0; j < kQK; ++j) amax = std::max(amax, std::fabs(x[j]));
-  const float d = amax / 127.0f;
-  const float id = d != 0.0f ? 1.0f / d : 0.0f;
-  put_u16(y, fp32_to_fp16(d));
-  for (int64_t j = 0; j < kQK; ++j) {
-    const float x0 = x[j] * id;
-    y[2 + j] = static_cast<uint8_t>(static_cast<int8_t>(std::roundf(x0)));
-  }
 }
 
 // quantize_row_q4_0_ref: d = max / -8 (max: the value of largest magnitude,
@@ -74,6 +64,12 @@ bool ggml_can_quantize(GgmlType type) {
     case GgmlType::BF16:
     case GgmlType::Q8_0:
     case GgmlType::Q4_0:
+    case GgmlType::Q4_1:
+    case GgmlType::Q5_0:
+    case GgmlType::Q5_1:
+    case GgmlType::Q4_K:
+    case GgmlType::Q5_K:
+    case GgmlType::Q6_K:
       return true;
     default:
       return false;
@@ -84,7 +80,7 @@ std::vector<uint8_t> quantize_ggml(GgmlType type, const float* src, int64_t nume
                                    int64_t row_length, const std::string& name) {
   if (!ggml_can_quantize(type)) {
     throw GgufError("GGUF writer: tensor '" + name + "': cannot quantise to " +
-                    ggml_type_name(type) + " (supported: F32, F16, BF16, Q8_0, Q4_0)");
+                    ggml_type_name(type) + " (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)");
   }
   const GgmlTypeTraits& traits = ggml_type_traits(type);
   if (row_length <= 0 || numel % row_length != 0) {
@@ -114,10 +110,28 @@ std::vector<uint8_t> quantize_ggml(GgmlType type, const float* src, int64_t nume
           put_u16(y, fp32_to_bf16(*x));
           break;
         case GgmlType::Q8_0:
-          quantize_block_q8_0(x, y);
+          quantize_q8_0(x, 1, y);
+          break;
+        case GgmlType::Q4_1:
+          quantize_q4_1(x, 1, y);
+          break;
+        case GgmlType::Q5_0:
+          quantize_q5_0(x, 1, y);
+          break;
+        case GgmlType::Q5_1:
+          quantize_q5_1(x, 1, y);
           break;
         case GgmlType::Q4_0:
           quantize_block_q4_0(x, y);
+          break;
+        case GgmlType::Q4_K:
+          quantize_q4_k(x, 1, y);
+          break;
+        case GgmlType::Q5_K:
+          quantize_q5_k(x, 1, y);
+          break;
+        case GgmlType::Q6_K:
+          quantize_q6_k(x, 1, y);
           break;
         default:
           break;

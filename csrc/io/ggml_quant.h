@@ -1,5 +1,5 @@
 // Quantisation of float32 rows to ggml tensor types, bit-exact with ggml's
-// reference quantizers (quantize_row_q8_0_ref / quantize_row_q4_0_ref in
+// reference quantizers (quantize_row_*_ref in
 // ggml/src/ggml-quants.c, and gguf-py's gguf.quants.quantize), plus the
 // plain F32 / F16 / BF16 conversions (BF16 rounds to nearest even and keeps
 // NaNs quiet, as ggml's fp32_to_bf16).
@@ -16,7 +16,9 @@
 
 namespace qlora::io::detail {
 
-// Whether quantize_ggml supports `type` (F32, F16, BF16, Q8_0, Q4_0).
+// Whether quantize_ggml supports `type` (F32, F16, BF16, Q8_0, Q4_0, Q4_1,
+// Q5_0, Q5_1, Q4_K, Q5_K, Q6_K; the K-quants from io/ggml_kquants.h, Q8_0
+// and Q4_1/Q5_x from io/ggml_legacy_quants.h).
 bool ggml_can_quantize(GgmlType type);
 
 // Quantises `numel` float32 values (rows of `row_length`, packed back to

@@ -826,6 +826,11 @@ at::Tensor GgufReader::raw(const std::string& name) const {
       src, shape, [file = file_](void*) {}, options);
 }
 
+void GgufReader::release(const std::string& name) const {
+  const GgufTensorInfo& t = tensor_info(name);
+  file_->drop_pages(data_offset_ + t.offset, t.nbytes);
+}
+
 at::Tensor GgufReader::dequantize(const std::string& name, at::ScalarType dtype) const {
   const GgufTensorInfo& t = tensor_info(name);
   if (!at::isFloatingType(dtype)) {

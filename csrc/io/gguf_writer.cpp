@@ -7,6 +7,7 @@
 
 #include "io/ggml_quant.h"
 #include "qlora/io/atomic_file.h"
+#include "util/strings.h"
 
 namespace qlora::io {
 
@@ -210,8 +211,8 @@ void GgufWriter::check_tensor_name(const std::string& name) const {
   }
 }
 
-void GgufWriter::add_tensor(const std::string& name, const at::Tensor& data, GgmlType type) {
-  check_tensor_name(name);
+std::vector<uint8_t> GgufWriter::encode(const std::string& name, const at::Tensor& data,
+                                        GgmlType type) {
   if (!data.defined() || data.dim() < 1 || data.dim() > static_cast<int64_t>(kMaxDims)) {
     throw GgufError("GGUF writer: tensor '" + name + "' needs 1 to 4 dims");
   }
@@ -219,15 +220,31 @@ void GgufWriter::add_tensor(const std::string& name, const at::Tensor& data, Ggm
     throw GgufError("GGUF writer: tensor '" + name + "' is not floating point");
   }
   const at::Tensor f = data.detach().to(at::kCPU, at::kFloat).contiguous();
-  std::vector<int64_t> ne(f.sizes().rbegin(), f.sizes().rend());
-  std::vector<uint8_t> bytes =
-      detail::quantize_ggml(type, f.data_ptr<float>(), f.numel(), ne[0], name);
-  add_tensor_raw(name, ne, type, std::move(bytes));
+  return detail::quantize_ggml(type, f.data_ptr<float>(), f.numel(), f.size(-1), name);
 }
 
-void GgufWriter::add_tensor_raw(const std::string& name, const std::vector<int64_t>& ne,
-                                GgmlType type, std::vector<uint8_t> bytes) {
+void GgufWriter::add_tensor(const std::string& name, const at::Tensor& data, GgmlType type) {
   check_tensor_name(name);
+  std::vector<uint8_t> bytes = encode(name, data, type);
+  add_tensor_raw(name, std::vector<int64_t>(data.sizes().rbegin(), data.sizes().rend()), type,
+                 std::move(bytes));
+}
+
+void GgufWriter::add_tensor_lazy(const std::string& name, const std::vector<int64_t>& shape,
+                                 GgmlType type, std::function<at::Tensor()> produce) {
+  check_tensor_name(name);
+  if (!detail::ggml_can_quantize(type)) {
+    throw GgufError("GGUF writer: tensor '" + name + "': cannot quantise to " +
+                    ggml_type_name(type));
+  }
+  std::vector<int64_t> ne(shape.rbegin(), shape.rend());
+  const uint64_t nbytes = checked_nbytes(name, ne, type);
+  tensor_names_.insert(name);
+  tensors_.push_back(Tensor{name, std::move(ne), type, nbytes, {}, std::move(produce)});
+}
+
+uint64_t GgufWriter::checked_nbytes(const std::string& name, const std::vector<int64_t>& ne,
+                                    GgmlType type) const {
   if (ne.empty() || ne.size() > kMaxDims) {
     throw GgufError("GGUF writer: tensor '" + name + "' needs 1 to 4 dims");
   }
@@ -242,14 +259,20 @@ void GgufWriter::add_tensor_raw(const std::string& name, const std::vector<int64
                     " is not a multiple of " + traits.name + "'s block size " +
                     std::to_string(traits.block_size));
   }
-  const uint64_t nbytes = static_cast<uint64_t>(numel / traits.block_size * traits.type_size);
+  return static_cast<uint64_t>(numel / traits.block_size * traits.type_size);
+}
+
+void GgufWriter::add_tensor_raw(const std::string& name, const std::vector<int64_t>& ne,
+                                GgmlType type, std::vector<uint8_t> bytes) {
+  check_tensor_name(name);
+  const uint64_t nbytes = checked_nbytes(name, ne, type);
   if (bytes.size() != nbytes) {
     throw GgufError("GGUF writer: tensor '" + name + "': " + std::to_string(bytes.size()) +
-                    " bytes given, " + traits.name + " of this shape needs " +
+                    " bytes given, " + ggml_type_name(type) + " of this shape needs " +
                     std::to_string(nbytes));
   }
   tensor_names_.insert(name);
-  tensors_.push_back(Tensor{name, ne, type, std::move(bytes)});
+  tensors_.push_back(Tensor{name, ne, type, nbytes, std::move(bytes), {}});
 }
 
 void GgufWriter::write(const std::string& path) const {
@@ -274,16 +297,28 @@ void GgufWriter::write(const std::string& path) const {
     const int32_t type = static_cast<int32_t>(t.type);
     put_head(&type, 4);
     put_u64(offset);
-    offset += pad_to(t.bytes.size(), alignment_);
+    offset += pad_to(t.nbytes, alignment_);
   }
   head.resize(pad_to(head.size(), alignment_), 0);
   static const char zeros[256] = {};
   write_file_atomic(path, [&](std::ostream& os) {
     os.write(reinterpret_cast<const char*>(head.data()), static_cast<std::streamsize>(head.size()));
     for (const Tensor& t : tensors_) {
-      os.write(reinterpret_cast<const char*>(t.bytes.data()),
-               static_cast<std::streamsize>(t.bytes.size()));
-      uint64_t pad = pad_to(t.bytes.size(), alignment_) - t.bytes.size();
+      std::vector<uint8_t> produced;
+      if (t.produce) {
+        const at::Tensor data = t.produce();
+        const std::vector<int64_t> shape(t.ne.rbegin(), t.ne.rend());
+        if (!data.defined() || data.sizes().vec() != shape) {
+          throw GgufError("GGUF writer: tensor '" + t.name + "': the data has shape " +
+                          (data.defined() ? util::shape_str(data.sizes().vec()) : "(none)") +
+                          " but " + util::shape_str(shape) + " was announced");
+        }
+        produced = encode(t.name, data, t.type);
+      }
+      const std::vector<uint8_t>& bytes = t.produce ? produced : t.bytes;
+      os.write(reinterpret_cast<const char*>(bytes.data()),
+               static_cast<std::streamsize>(bytes.size()));
+      uint64_t pad = pad_to(bytes.size(), alignment_) - bytes.size();
       while (pad > 0) {
         const uint64_t n = std::min<uint64_t>(pad, sizeof zeros);
         os.write(zeros, static_cast<std::streamsize>(n));

@@ -491,6 +491,11 @@ const TensorInfo& SafetensorsReader::info(const std::string& name) const {
   return tensors_[it->second];
 }
 
+void SafetensorsReader::release(const std::string& name) const {
+  const TensorInfo& t = info(name);
+  file_->drop_pages(data_start_ + t.begin, t.end - t.begin);
+}
+
 at::Tensor SafetensorsReader::get(const std::string& name, bool copy) const {
   const TensorInfo& t = info(name);
   const auto options = at::TensorOptions().dtype(t.dtype).device(at::kCPU);
@@ -654,6 +659,8 @@ const TensorInfo& ShardedSafetensors::info(const std::string& name) const {
 at::Tensor ShardedSafetensors::get(const std::string& name, bool copy) const {
   return shard_of(name).get(name, copy);
 }
+
+void ShardedSafetensors::release(const std::string& name) const { shard_of(name).release(name); }
 
 std::map<std::string, at::Tensor> ShardedSafetensors::load_all(bool copy) const {
   std::map<std::string, at::Tensor> out;

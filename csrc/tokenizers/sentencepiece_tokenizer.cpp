@@ -653,9 +653,8 @@ std::unordered_map<std::string, int32_t> check_model(const detail::SpmModelProto
   return ids;
 }
 
-}  // namespace
-
-std::unique_ptr<Tokenizer> load_sentencepiece(const std::string& model_path) {
+// The vocabulary of a checked model and the options libsentencepiece runs it with.
+std::pair<VocabSpec, SpmOptions> read_model(const std::string& model_path) {
   using Proto = detail::SpmModelProto;
   const Proto proto = detail::parse_spm_model_proto(read_file(model_path), model_path);
   const std::unordered_map<std::string, int32_t> ids = check_model(proto, model_path);
@@ -694,7 +693,22 @@ std::unique_ptr<Tokenizer> load_sentencepiece(const std::string& model_path) {
   options.fuse_unknown = true;
   options.freeze_user_defined = true;
   options.unknown_id = unknown;
+  return {std::move(spec), options};
+}
+
+}  // namespace
+
+std::unique_ptr<Tokenizer> load_sentencepiece(const std::string& model_path) {
+  auto [spec, options] = read_model(model_path);
   return spm_from_vocab(spec, options, model_path);
+}
+
+VocabSpec sentencepiece_vocab(const std::string& model_path) {
+  VocabSpec spec = read_model(model_path).first;
+  const std::optional<detail::TokenizerConfig> config = detail::read_tokenizer_config(model_path);
+  if (config && config->add_bos) spec.add_bos = *config->add_bos;
+  if (config && config->add_eos) spec.add_eos = *config->add_eos;
+  return spec;
 }
 
 namespace detail {

@@ -186,6 +186,55 @@ std::unique_ptr<Tokenizer> load_tokenizer_json(const std::string& path) {
   return make_hf_tokenizer(std::move(parts));
 }
 
+namespace {
+
+// The split regexes of the Llama 3 and Qwen2 tokenizer.json files (they differ in how many
+// digits a number token takes), as those files write them.
+constexpr const char* kLlama3Split =
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| "
+    "?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
+constexpr const char* kQwen2Split =
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| "
+    "?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
+
+// Lookups that never throw: a field of another JSON type than expected simply does not
+// match (the tokenizer itself is validated by load_tokenizer_json).
+bool has_string(const json& j, const char* key, const char* value) {
+  if (!j.is_object()) return false;
+  const auto it = j.find(key);
+  return it != j.end() && it->is_string() && it->get_ref<const std::string&>() == value;
+}
+bool bool_or(const json& j, const char* key, bool fallback) {
+  const auto it = j.find(key);
+  return it != j.end() && it->is_boolean() ? it->get<bool>() : fallback;
+}
+
+// llama.cpp names pre-tokenizers by what they do; these are the structures of the
+// tokenizer.json files it has a name for and we can recognise without running them.
+std::string ggml_pre_tokenizer_name(const json& pre) {
+  const auto byte_level = [](const json& j, bool regex) {
+    return has_string(j, "type", "ByteLevel") && bool_or(j, "use_regex", true) == regex;
+  };
+  if (byte_level(pre, true)) return "gpt-2";
+  if (!has_string(pre, "type", "Sequence")) return "default";
+  const auto list = pre.find("pretokenizers");
+  if (list == pre.end() || !list->is_array() || list->size() != 2) return "default";
+  const json& first = (*list)[0];
+  const json& second = (*list)[1];
+  if (has_string(first, "type", "Digits") && bool_or(first, "individual_digits", false) &&
+      byte_level(second, true))
+    return "smollm";
+  if (has_string(first, "type", "Split") && byte_level(second, false)) {
+    const auto pattern = first.find("pattern");
+    if (pattern == first.end() || !pattern->is_object()) return "default";
+    if (has_string(*pattern, "Regex", kLlama3Split)) return "llama-bpe";
+    if (has_string(*pattern, "Regex", kQwen2Split)) return "qwen2";
+  }
+  return "default";
+}
+
+}  // namespace
+
 TokenizerJsonVocab read_tokenizer_json_vocab(const std::string& path) {
   const json doc = parse_json_file(path);
   const JsonNode root(doc, std::make_shared<const std::string>(path), "");
@@ -194,6 +243,7 @@ TokenizerJsonVocab read_tokenizer_json_vocab(const std::string& path) {
   TokenizerJsonVocab out;
   out.model_type = model.str_or("type", "");
   if (out.model_type != "BPE") return out;
+  if (doc.contains("pre_tokenizer")) out.ggml_pre = ggml_pre_tokenizer_name(doc["pre_tokenizer"]);
   parse_vocab(model.at("vocab"),
               [&out](const std::string& token, int32_t id) { out.tokens[id] = token; });
   if (const auto a = root.find("added_tokens")) {

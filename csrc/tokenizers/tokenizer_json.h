@@ -29,6 +29,11 @@ struct TokenizerJsonVocab {
   bool add_bos = false;
   std::optional<bool> add_eos;               // tokenizer_config.json's add_eos_token
   std::optional<std::string> chat_template;  // tokenizer_config.json's, when one string
+  // llama.cpp's name for the "pre_tokenizer" (GGUF tokenizer.ggml.pre): "gpt-2" (ByteLevel
+  // with its own regex), "smollm" (single digits, then that), "llama-bpe" (Llama 3's split
+  // regex), "qwen2" (the same with single digits); "default" for any other, which llama.cpp
+  // runs with its generic regex and a warning that output quality will degrade.
+  std::string ggml_pre = "default";
 };
 
 // Reads `path` (a tokenizer.json) and the tokenizer_config.json in its folder, if any.

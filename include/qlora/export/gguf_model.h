@@ -34,10 +34,15 @@ std::vector<std::pair<std::string, at::Tensor>> merged_hf_weights(LlamaForCausal
 // types llama.cpp's loader requires, the tokenizer and every weight, merged.
 //   tokenizer_source  a .gguf file (its tokenizer.ggml.* keys and
 //                     tokenizer.chat_template are copied with their exact
-//                     types) or a folder holding tokenizer.json (a byte-level
-//                     BPE, written as tokenizer.ggml.model "gpt2"; ids from
-//                     tokenizer_config.json when present).
-//   outtype           "f32", "f16", "bf16", "q8_0" or "q4_0".
+//                     types), or a folder holding a SentencePiece
+//                     tokenizer.model (written as tokenizer.ggml.model "llama":
+//                     pieces, scores, types) or else tokenizer.json (a byte-level
+//                     BPE, written as "gpt2" with tokenizer.ggml.pre naming its
+//                     pre-tokenizer; ids from tokenizer_config.json when present).
+//   outtype           "f32", "f16", "bf16", "q8_0" or "q4_0" for every matrix, or one of
+//                     llama-quantize's K-quant mixes "q4_k_s", "q4_k_m" ("q4_k"),
+//                     "q5_k_s", "q5_k_m" ("q5_k"), "q6_k": each tensor gets the type
+//                     and the bytes llama-quantize gives it from an F32 export.
 // Throws io::GgufError for models llama.cpp's "llama" architecture cannot
 // express (Qwen2 or other q/k/v/o or MLP biases, activations other than
 // SiLU, rope scaling other than linear / llama3), unsupported outtypes,

@@ -48,6 +48,12 @@ class MappedFile {
 
   const uint8_t* data() const { return data_; }
   uint8_t* mutable_data() const { return data_; }
+  // Lets the kernel drop the pages lying wholly inside [offset, offset + length)
+  // from this process (MADV_DONTNEED): they stop counting in its RSS and are read
+  // from the file again if touched. Pages written through mutable_data() would
+  // lose those writes: call it only for ranges no tensor view writes to. A hint:
+  // errors are ignored.
+  void drop_pages(size_t offset, size_t length) const;
   size_t size() const { return size_; }
   const std::string& path() const { return path_; }
 

@@ -12,12 +12,15 @@
 // Every mistake llama.cpp would refuse is refused when it is made, with a
 // GgufError naming the key or tensor: duplicate keys or tensor names, names
 // of 64 bytes or more, more than 4 dims, data that does not fit the type's
-// block size. The data is held in memory until write().
+// block size. Tensors added with add_tensor / add_tensor_raw are held in
+// memory until write(); add_tensor_lazy streams: the file is written holding
+// one tensor at a time.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <set>
 #include <string>
 #include <vector>
@@ -69,6 +72,13 @@ class GgufWriter {
   // bit-exact with ggml's reference quantizers). The PyTorch shape reversed
   // is ne; a quantised type needs the last dim to be a multiple of 32.
   void add_tensor(const std::string& name, const at::Tensor& data, GgmlType type);
+  // As add_tensor, but the data is asked of `produce` only when write()
+  // reaches this tensor (it must return a floating tensor of `shape`), and
+  // its encoded bytes are dropped once written: a file of any size is
+  // written with one tensor in memory. Shape and type are checked here, so
+  // a file that cannot be written fails before a byte is written.
+  void add_tensor_lazy(const std::string& name, const std::vector<int64_t>& shape, GgmlType type,
+                       std::function<at::Tensor()> produce);
   // Already-encoded bytes of `type` for a tensor of ggml dims `ne`.
   void add_tensor_raw(const std::string& name, const std::vector<int64_t>& ne, GgmlType type,
                       std::vector<uint8_t> bytes);
@@ -85,8 +95,16 @@ class GgufWriter {
     std::string name;
     std::vector<int64_t> ne;
     GgmlType type;
-    std::vector<uint8_t> bytes;
+    uint64_t nbytes;
+    std::vector<uint8_t> bytes;           // add_tensor / add_tensor_raw
+    std::function<at::Tensor()> produce;  // add_tensor_lazy
   };
+
+  // Checks a tensor's name, dims and row length against `type`; returns its bytes.
+  uint64_t checked_nbytes(const std::string& name, const std::vector<int64_t>& ne,
+                          GgmlType type) const;
+  static std::vector<uint8_t> encode(const std::string& name, const at::Tensor& data,
+                                     GgmlType type);
 
   void begin_kv(const std::string& key, GgufType type);
   void put_string(const std::string& s);

@@ -72,6 +72,11 @@ class SafetensorsReader {
   // is always copied.
   at::Tensor get(const std::string& name, bool copy = false) const;
   std::map<std::string, at::Tensor> load_all(bool copy = true) const;
+  // Drops the tensor's mapped pages from this process's memory once a copy
+  // of it is all that is kept (a loader that converts tensor by tensor stays
+  // at one tensor of the file resident). No zero-copy view of it may have
+  // been written to: those writes would be lost.
+  void release(const std::string& name) const;
 
   // The "__metadata__" entry, empty when absent.
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
@@ -115,6 +120,7 @@ class ShardedSafetensors {
   const TensorInfo& info(const std::string& name) const;
   at::Tensor get(const std::string& name, bool copy = false) const;
   std::map<std::string, at::Tensor> load_all(bool copy = true) const;
+  void release(const std::string& name) const;  // SafetensorsReader::release
   const std::vector<SafetensorsReader>& shards() const { return shards_; }
 
  private:

@@ -115,4 +115,9 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path);
 // VocabSpec from a GGUF file's tokenizer.ggml.* keys.
 VocabSpec vocab_from_gguf(const std::string& gguf_path);
 
+// VocabSpec ("llama") of a SentencePiece tokenizer.model: its pieces, scores and types, the
+// ids of the pieces its trainer_spec names, add_dummy_prefix; add_bos as load_sentencepiece
+// (true unless a tokenizer_config.json beside it says otherwise). What a GGUF export writes.
+VocabSpec sentencepiece_vocab(const std::string& model_path);
+
 }  // namespace qlora::tokenizers

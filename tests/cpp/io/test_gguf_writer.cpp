@@ -151,8 +151,8 @@ TEST(GgufWriter, RejectsWhatLlamaCppRejects) {
       },
       "tensor 'odd': row length 33 is not a multiple of Q8_0's block size 32");
   expect_error([&] { w.add_tensor("odd4", at::zeros({40}), GgmlType::Q4_0); }, "tensor 'odd4'");
-  expect_error([&] { w.add_tensor("k4", at::zeros({256}), GgmlType::Q4_K); },
-               "cannot quantise to Q4_K");
+  expect_error([&] { w.add_tensor("k3", at::zeros({256}), GgmlType::Q3_K); },
+               "cannot quantise to Q3_K");
   expect_error(
       [&] {
         w.add_tensor("five", at::zeros({1, 1, 1, 1, 1}), GgmlType::F32);
