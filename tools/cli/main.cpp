@@ -1,11 +1,13 @@
 // qlora: the command-line front end.
-//   qlora train CONFIG [--set key=value ...]
+//   qlora train CONFIG [--set key=value ...] [--dry-run]
+//   qlora plan CONFIG [--set ...]
 //   qlora eval CONFIG [--adapter DIR] [--set ...]
 //   qlora generate (CONFIG | --model PATH [--template T]) --prompt TEXT [--adapter DIR]
 //                  [--max-new-tokens N] [--set ...]
 //   qlora quantize --model PATH --out DIR [--quant-type nf4|fp4] [--blocksize N]
 //   [--no-double-quant] qlora inspect FILE
 // Exit codes: 0 success, 1 runtime error (named file/key in the message), 2 usage,
+// 3 plan / --dry-run: the run does not fit in free memory,
 // 130 / 143: training stopped by SIGINT / SIGTERM after saving a checkpoint.
 #include <c10/util/Exception.h>
 #include <signal.h>
@@ -20,6 +22,7 @@
 #include "qlora/export/export.h"
 #include "qlora/export/hf_folder.h"
 #include "qlora/models/loader.h"
+#include "qlora/train/memory_plan.h"
 #include "qlora/train/model_context.h"
 #include "qlora/train/stop_signals.h"
 #include "qlora/train/trainer.h"
@@ -37,7 +40,15 @@ void print_generations(const char* title,
   for (const auto& [prompt, text] : g) std::cout << "  > " << prompt << "\n    " << text << "\n";
 }
 
-int train(const std::string& config_path, const std::vector<std::string>& sets) {
+// The memory a run will need, from metadata only; exit 3 when it does not fit.
+int plan(const TrainConfig& config) {
+  const qlora::train::MemoryPlan p = qlora::train::plan_memory(config);
+  std::cout << qlora::train::format_memory_plan(p);
+  return p.fits() ? 0 : 3;
+}
+
+int train(const std::string& config_path, const std::vector<std::string>& sets, bool dry_run) {
+  if (dry_run) return plan(TrainConfig::from_yaml_file(config_path, sets));
   Trainer trainer(TrainConfig::from_yaml_file(config_path, sets));
   const qlora::train::StopSignalHandler stop_on_signal;
   const auto s = trainer.run();
@@ -129,6 +140,13 @@ int main(int argc, char** argv) {
       ->required()
       ->check(CLI::ExistingFile);
   train_cmd->add_option("--set", sets, "override a config key, e.g. --set training.lr=1e-4");
+  bool dry_run = false;
+  train_cmd->add_flag("--dry-run", dry_run, "print the memory plan (qlora plan) and stop");
+
+  auto* plan_cmd = app.add_subcommand(
+      "plan", "the memory a training run will need, before loading anything (exit 3: too much)");
+  plan_cmd->add_option("config", config, "YAML config")->required()->check(CLI::ExistingFile);
+  plan_cmd->add_option("--set", sets, "override a config key");
 
   auto* eval_cmd =
       app.add_subcommand("eval", "held-out loss and perplexity of a model (+ adapter)");
@@ -171,7 +189,7 @@ int main(int argc, char** argv) {
       ->required()
       ->check(CLI::IsMember(qlora::exporters::format_names()));
   export_cmd->add_option("--out", out_dir, "output folder or file")->required();
-  export_cmd->add_option("--outtype", outtype, "hf: f32 | f16 | bf16; gguf: also q8_0 | q4_0");
+  export_cmd->add_option("--outtype", outtype, "hf: f32 | f16 | bf16; gguf: also q8_0 | q4_0 | q4_k_m | q4_k_s | q5_k_m | q5_k_s | q6_k");
   export_cmd->add_option("--set", sets, "override a config key");
 
   auto* inspect_cmd = app.add_subcommand("inspect", "summarise a safetensors or GGUF file");
@@ -182,7 +200,8 @@ int main(int argc, char** argv) {
   // writers report with the path, instead of killing the process.
   signal(SIGXFSZ, SIG_IGN);
   try {
-    if (*train_cmd) return train(config, sets);
+    if (*train_cmd) return train(config, sets, dry_run);
+    if (*plan_cmd) return plan(TrainConfig::from_yaml_file(config, sets));
     if (*eval_cmd) return evaluate(model_config(config, "", "", sets), adapter);
     if (*gen_cmd)
       return generate(model_config(config, gen_model, gen_template, sets), adapter, prompts,
