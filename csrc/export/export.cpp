@@ -24,8 +24,9 @@ at::ScalarType hf_dtype(const std::string& outtype) {
   if (outtype == "f16") return at::kHalf;
   if (outtype == "bf16") return at::kBFloat16;
   if (outtype == "f32") return at::kFloat;
-  throw std::invalid_argument("export hf: outtype \"" + outtype +
-                              "\" is not f32, f16 or bf16 (q8_0, q4_0 and the K-quant mixes are GGUF types)");
+  throw std::invalid_argument(
+      "export hf: outtype \"" + outtype +
+      "\" is not f32, f16 or bf16 (q8_0, q4_0 and the K-quant mixes are GGUF types)");
 }
 
 }  // namespace

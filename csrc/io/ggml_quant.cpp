@@ -80,7 +80,8 @@ std::vector<uint8_t> quantize_ggml(GgmlType type, const float* src, int64_t nume
                                    int64_t row_length, const std::string& name) {
   if (!ggml_can_quantize(type)) {
     throw GgufError("GGUF writer: tensor '" + name + "': cannot quantise to " +
-                    ggml_type_name(type) + " (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)");
+                    ggml_type_name(type) +
+                    " (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)");
   }
   const GgmlTypeTraits& traits = ggml_type_traits(type);
   if (row_length <= 0 || numel % row_length != 0) {

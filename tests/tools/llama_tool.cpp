@@ -42,7 +42,8 @@ struct Args {
 int usage() {
   std::cerr << "usage: llama_tool logits MODEL_PATH IDS_JSON OUT.safetensors [options]\n"
                "       llama_tool generate MODEL_PATH IDS_JSON N [options]\n"
-               "options: --quantize nf4|fp4 --double-quant --blocksize N --gguf --gguf-native --mask JSON "
+               "options: --quantize nf4|fp4 --double-quant --blocksize N --gguf --gguf-native "
+               "--mask JSON "
                "--dtype float32|bfloat16|float16\n";
   return 2;
 }

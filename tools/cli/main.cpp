@@ -189,7 +189,9 @@ int main(int argc, char** argv) {
       ->required()
       ->check(CLI::IsMember(qlora::exporters::format_names()));
   export_cmd->add_option("--out", out_dir, "output folder or file")->required();
-  export_cmd->add_option("--outtype", outtype, "hf: f32 | f16 | bf16; gguf: also q8_0 | q4_0 | q4_k_m | q4_k_s | q5_k_m | q5_k_s | q6_k");
+  export_cmd->add_option(
+      "--outtype", outtype,
+      "hf: f32 | f16 | bf16; gguf: also q8_0 | q4_0 | q4_k_m | q4_k_s | q5_k_m | q5_k_s | q6_k");
   export_cmd->add_option("--set", sets, "override a config key");
 
   auto* inspect_cmd = app.add_subcommand("inspect", "summarise a safetensors or GGUF file");

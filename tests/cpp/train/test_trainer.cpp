@@ -95,8 +95,8 @@ TEST(TrainConfig, DefaultsOverridesAndRoundTrip) {
 // written plain and read back as another string, so a checkpoint's config changed on resume.
 TEST(TrainConfig, StringsWithControlBytesRoundTrip) {
   TrainConfig c = TrainConfig::from_yaml_string(kMinimal);
-  c.generation.prompts = {"line\rreturn", "tab\there", "two\nlines", "del\x7f", "bell\x07",
-                          "caf\xc3\xa9", "  spaced  ", "#not a comment", "- dash", ""};
+  c.generation.prompts = {"line\rreturn", "tab\there",  "two\nlines",     "del\x7f", "bell\x07",
+                          "caf\xc3\xa9",  "  spaced  ", "#not a comment", "- dash",  ""};
   c.data.train = "dir with\rCR/train.jsonl";
   const std::string yaml = c.to_yaml();
   const TrainConfig again = TrainConfig::from_yaml_string(yaml);
