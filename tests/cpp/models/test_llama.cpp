@@ -1,9 +1,23 @@
 // LlamaForCausalLM: module layout, masking, KV cache, GQA, gradient
 // checkpointing, generation, config parsing and checkpoint loading.
 // Parity with transformers is tests/python/test_llama_parity.py.
+#if defined(__SANITIZE_ADDRESS__)
+#define QLORA_UNDER_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define QLORA_UNDER_ASAN 1
+#endif
+#endif
+#ifndef QLORA_UNDER_ASAN
+#define QLORA_UNDER_ASAN 0
+#endif
+
 #include <ftw.h>
 #include <gtest/gtest.h>
 #include <malloc.h>
+#if QLORA_UNDER_ASAN
+#include <sanitizer/allocator_interface.h>
+#endif
 #include <torch/torch.h>
 #include <unistd.h>
 
@@ -300,9 +314,15 @@ struct GradRun {
   int64_t retained_bytes = 0;  // heap growth between before forward and after it
 };
 
+// Bytes the allocator has handed out: glibc's count, or AddressSanitizer's
+// when it replaces malloc (mallinfo2 then reports zeros).
 int64_t heap_in_use() {
+#if QLORA_UNDER_ASAN
+  return static_cast<int64_t>(__sanitizer_get_current_allocated_bytes());
+#else
   const struct mallinfo2 mi = ::mallinfo2();
   return static_cast<int64_t>(mi.uordblks + mi.hblkhd);
+#endif
 }
 
 GradRun train_step(LlamaForCausalLMImpl& m, const at::Tensor& ids, bool checkpoint,
