@@ -156,6 +156,7 @@ m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, devic
         bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32))
 m = prepare_model_for_kbit_training(m, use_gradient_checkpointing=True)
 m = get_peft_model(m, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear"))
+m.train()  # from_pretrained leaves eval mode, where transformers skips gradient checkpointing
 opt = bnb.optim.PagedAdamW8bit([p for p in m.parameters() if p.requires_grad], lr=2e-4)
 ids = torch.randint(0, 2000, (1, int(sys.argv[2])))
 t = time.time()
@@ -181,6 +182,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--stages", default="make,load,train,export")
     ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--skip-ours", action="store_true", help="reference only (ours ran before)")
     args = ap.parse_args()
     stages = args.stages.split(",")
     print(f"CPU: {cpu_name()}; {os.cpu_count()} cores")
@@ -189,7 +191,7 @@ def main():
     config = train_config(model)
     plan = subprocess.run([str(QLORA), "plan", str(config)], capture_output=True, text=True)
     print(plan.stdout)
-    if "load" in stages:
+    if "load" in stages and not args.skip_ours:
         wall, peak = timed([QLORA, "quantize", "--model", model, "--out", OUT / "bnb"])
         rows.append(("load + NF4 quantise (ours, qlora quantize)", wall, peak))
         if not args.skip_reference:
@@ -200,17 +202,21 @@ def main():
             else:
                 rows.append(("load_in_4bit (transformers + bitsandbytes): failed", 0, 0))
     if "train" in stages:
-        wall, peak = timed([QLORA, "train", config])
-        summary = json.loads((OUT / "run" / "summary.json").read_text())
-        rows.append(("one QLoRA step, load included (ours)", wall, peak))
-        rows.append((f"  of which the step ({summary.get('tokens_per_second', 0):.1f} tokens/s)",
-                     summary.get("wall_seconds", 0), summary["peak_rss_bytes"]))
+        if not args.skip_ours:
+            wall, peak = timed([QLORA, "train", config])
+            rows.append(("one QLoRA step, load included (ours)", wall, peak))
+        metrics = [json.loads(l) for l in (OUT / "run" / "metrics.jsonl").read_text().splitlines()]
+        step = next(m for m in metrics if "loss" in m)
+        tokens = step["tokens"]  # the packed row of the text: the reference gets as many
+        rows.append((f"  of which the step ({tokens} tokens, {step['seconds'] / tokens:.3f} s/token)",
+                     step["seconds"], 0))
         if not args.skip_reference:
-            p = subprocess.run([PY, "-c", REFERENCE_TRAIN, str(model), str(SEQ)], capture_output=True,
-                               text=True)
+            p = subprocess.run([PY, "-c", REFERENCE_TRAIN, str(model), str(tokens)],
+                               capture_output=True, text=True)
             if p.returncode == 0:
                 w, r = map(float, p.stdout.split()[-2:])
-                rows.append(("one step (transformers + PEFT + bitsandbytes)", w, int(r)))
+                rows.append((f"one step (transformers + PEFT + bitsandbytes, {w / tokens:.3f} s/token)",
+                             w, int(r)))
             else:
                 rows.append(("transformers + PEFT + bitsandbytes step: failed " + p.stderr[-200:], 0, 0))
     if "export" in stages:

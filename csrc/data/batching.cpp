@@ -56,6 +56,14 @@ void check_rows(const std::vector<std::vector<const Example*>>& rows) {
 
 }  // namespace
 
+Batch empty_batch() {
+  Batch out;
+  for (at::Tensor* t :
+       {&out.input_ids, &out.labels, &out.attention_mask, &out.position_ids, &out.segment_ids})
+    *t = at::empty({0, 0}, at::kLong);
+  return out;
+}
+
 Batch collate_rows(const std::vector<std::vector<const Example*>>& rows, int32_t pad_id) {
   check_rows(rows);
   int64_t width = 0;

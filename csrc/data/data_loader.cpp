@@ -10,6 +10,9 @@ namespace {
 
 void check_options(const Dataset& dataset, const LoaderOptions& o) {
   if (dataset.empty()) throw std::invalid_argument("DataLoader: the dataset is empty");
+  if (o.num_shards < 1 || o.shard < 0 || o.shard >= o.num_shards)
+    throw std::invalid_argument("DataLoader: shard " + std::to_string(o.shard) + " of " +
+                                std::to_string(o.num_shards) + " shards");
   if (o.micro_batch_size < 1) {
     throw std::invalid_argument("DataLoader: micro_batch_size must be >= 1");
   }
@@ -40,6 +43,7 @@ std::string LoaderState::to_json() const {
   nlohmann::json j = {{"seed", std::to_string(seed)},
                       {"epoch", epoch},
                       {"position", position},
+                      {"rows", rows},
                       {"fingerprint", std::to_string(fingerprint)}};
   return j.dump();
 }
@@ -52,6 +56,7 @@ LoaderState LoaderState::from_json(const std::string& text) {
     s.epoch = j.at("epoch").get<int64_t>();
     s.position = j.at("position").get<int64_t>();
     s.fingerprint = parse_u64(j, "fingerprint");
+    if (j.contains("rows")) s.rows = j.at("rows").get<int64_t>();
     if (s.epoch < 0 || s.position < 0) throw std::invalid_argument("negative epoch or position");
     return s;
   } catch (const std::exception& e) {
@@ -90,7 +95,7 @@ void DataLoader::plan_epoch() {
 
 int64_t DataLoader::batches_per_epoch() const {
   const int64_t rows = static_cast<int64_t>(rows_.size());
-  const int64_t b = options_.micro_batch_size;
+  const int64_t b = options_.micro_batch_size * options_.num_shards;
   return options_.drop_last ? rows / b : (rows + b - 1) / b;
 }
 
@@ -101,7 +106,12 @@ std::optional<Batch> DataLoader::next() {
     plan_epoch();
     return std::nullopt;
   }
-  const size_t first = static_cast<size_t>(position_ * options_.micro_batch_size);
+  const size_t first = static_cast<size_t>((position_ * options_.num_shards + options_.shard) *
+                                           options_.micro_batch_size);
+  if (first >= rows_.size()) {
+    ++position_;
+    return empty_batch();
+  }
   const size_t last =
       std::min(rows_.size(), first + static_cast<size_t>(options_.micro_batch_size));
   std::vector<std::vector<const Example*>> rows;
@@ -125,7 +135,16 @@ uint64_t DataLoader::config_fingerprint() const {
 }
 
 LoaderState DataLoader::state() const {
-  return {options_.seed, epoch_, position_, config_fingerprint()};
+  // The last step of an epoch may serve fewer rows than a full step.
+  const int64_t rows =
+      std::min<int64_t>(position_ * options_.micro_batch_size * options_.num_shards, rows_.size());
+  LoaderState s;
+  s.seed = options_.seed;
+  s.epoch = epoch_;
+  s.position = position_;
+  s.rows = rows;
+  s.fingerprint = config_fingerprint();
+  return s;
 }
 
 void DataLoader::restore(const LoaderState& state) {
@@ -140,14 +159,40 @@ void DataLoader::restore(const LoaderState& state) {
   options_.seed = state.seed;
   epoch_ = state.epoch;
   plan_epoch();
-  if (state.position < 0 || state.position > batches_per_epoch()) {
+  // Rows make a state portable between shard counts; a step must still start
+  // where one of this loader's steps starts. A state from before sharding
+  // counts batches of one shard.
+  const int64_t n = static_cast<int64_t>(rows_.size());
+  const int64_t step_rows = options_.micro_batch_size * options_.num_shards;
+  int64_t position = -1;
+  std::string why;
+  if (state.rows < 0 && options_.num_shards == 1) {
+    position = state.position;
+  } else {
+    const int64_t rows =
+        state.rows >= 0 ? state.rows : std::min(n, state.position * options_.micro_batch_size);
+    if (rows > n || rows < 0)
+      position = -1;  // past the end
+    else if (rows == n)
+      position = batches_per_epoch();  // the epoch is served; its last step may be short
+    else if (rows % step_rows == 0)
+      position = rows / step_rows;
+    else
+      why = "the state stopped after " + std::to_string(rows) + " rows of epoch " +
+            std::to_string(state.epoch) + ", not a multiple of this run's " +
+            std::to_string(step_rows) + " rows per step (micro_batch_size x ranks)";
+  }
+  if (why.empty() && (position < 0 || position > batches_per_epoch()))
+    why = "position " + std::to_string(state.rows >= 0 ? state.rows : state.position) +
+          (state.rows >= 0 ? " rows" : "") + " is past the end of epoch " +
+          std::to_string(state.epoch);
+  if (!why.empty()) {
     options_.seed = old_seed;
     epoch_ = old_epoch;
     plan_epoch();
-    throw std::invalid_argument("DataLoader::restore: position " + std::to_string(state.position) +
-                                " is past the end of epoch " + std::to_string(state.epoch));
+    throw std::invalid_argument("DataLoader::restore: " + why);
   }
-  position_ = state.position;
+  position_ = position;
 }
 
 }  // namespace qlora::data

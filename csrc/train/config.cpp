@@ -107,6 +107,9 @@ const std::map<std::string, Field>& fields() {
       QLORA_FIELD("training.log_every", training.log_every),
       QLORA_FIELD("training.max_consecutive_nonfinite", training.max_consecutive_nonfinite),
       QLORA_FIELD("training.threads", training.threads),
+      QLORA_FIELD("training.distributed.backend", training.distributed.backend),
+      QLORA_FIELD("training.distributed.timeout_seconds", training.distributed.timeout_seconds),
+      QLORA_FIELD("training.distributed.bucket_mb", training.distributed.bucket_mb),
       QLORA_FIELD("generation.prompts", generation.prompts),
       QLORA_FIELD("generation.max_new_tokens", generation.max_new_tokens),
       QLORA_FIELD("output_dir", output_dir),
@@ -197,6 +200,12 @@ void validate(const TrainConfig& c, const std::string& source) {
   if (c.data.max_length < 8) fail(source, "\"data.max_length\" must be >= 8");
   if (c.data.eval_split < 0 || c.data.eval_split >= 1)
     fail(source, "\"data.eval_split\" must be in [0, 1)");
+  check_choice(source, "training.distributed.backend", c.training.distributed.backend,
+               {"auto", "gloo", "nccl"});
+  if (!(c.training.distributed.timeout_seconds > 0))
+    fail(source, "\"training.distributed.timeout_seconds\" must be > 0");
+  if (!(c.training.distributed.bucket_mb > 0))
+    fail(source, "\"training.distributed.bucket_mb\" must be > 0");
   if (c.training.keep_last < 1) fail(source, "\"training.keep_last\" must be >= 1");
   if (c.training.selective_recompute && !c.training.gradient_checkpointing)
     fail(source,

@@ -76,20 +76,31 @@ void ModelContext::load_adapter(const std::string& dir) { nn::load_peft_adapter(
 double ModelContext::evaluate(const std::shared_ptr<const data::Dataset>& eval,
                               int64_t micro_batch_size) {
   if (!eval || eval->empty()) return std::nan("");
+  const auto [total, tokens] = evaluate_sums(eval, micro_batch_size);
+  return total / std::max<int64_t>(1, tokens);
+}
+
+std::pair<double, int64_t> ModelContext::evaluate_sums(
+    const std::shared_ptr<const data::Dataset>& eval, int64_t micro_batch_size, int64_t shard,
+    int64_t num_shards) {
+  if (!eval || eval->empty()) return {0.0, 0};
   torch::NoGradGuard no_grad;
   EvalMode mode(model);
   data::LoaderOptions lo;
   lo.micro_batch_size = micro_batch_size;
   lo.shuffle = false;
   lo.pad_id = data::padding_id(*tokenizer);
+  lo.num_shards = num_shards;
+  lo.shard = shard;
   data::DataLoader loader(eval, lo);
   double total = 0;
   int64_t tokens = 0;
   while (auto b = loader.next()) {
+    if (b->input_ids.size(0) == 0) continue;
     total += model->summed_loss(b->input_ids, b->labels, b->attention_mask).item<double>();
     tokens += detail::count_label_tokens(b->labels);
   }
-  return total / std::max<int64_t>(1, tokens);
+  return {total, tokens};
 }
 
 std::vector<std::pair<std::string, std::string>> ModelContext::generate(

@@ -12,7 +12,10 @@
 #include <set>
 
 #include "qlora/data/data_loader.h"
+#include "qlora/dist/communicator.h"
+#include "qlora/dist/gradient_reducer.h"
 #include "qlora/io/atomic_file.h"
+#include "qlora/nn/hash_dropout.h"
 #include "qlora/nn/peft_adapter.h"
 #include "qlora/optim/paged_adamw.h"
 #include "qlora/train/lr_schedule.h"
@@ -50,6 +53,21 @@ struct Trainer::State {
   GradientHook gradient_hook;
   int64_t saved_step = -1;  // the step of the last checkpoint written or resumed from
   bool training_prepared = false;
+  // Data parallelism, when a launcher set WORLD_SIZE: the process group and
+  // the gradient all-reduce. Rank 0 alone writes files.
+  std::unique_ptr<dist::Communicator> comm;
+  std::unique_ptr<dist::GradientReducer> reducer;
+  double comm_seconds = 0;  // waiting in collectives after backward, this process
+  int64_t steps_run = 0;    // optimizer steps this process ran (not resumed ones)
+
+  bool main_rank() const { return !comm || comm->rank() == 0; }
+  int64_t rank() const { return comm ? comm->rank() : 0; }
+  int64_t world_size() const { return comm ? comm->world_size() : 1; }
+  void connect();
+  // The stop signal any rank received (all ranks call it at the same points).
+  int agreed_stop_signal();
+  std::optional<std::string> agreed_resume_dir();
+  std::vector<std::string> trainable_names();
 
   ModelContext& ctx() {
     if (!context) context = ModelContext::load(config);
@@ -64,7 +82,7 @@ struct Trainer::State {
   std::string save_checkpoint();
   [[noreturn]] void stop_for_signal(int sig);
   void resume_from(const std::string& dir);
-  double evaluate() { return ctx().evaluate(data.eval, config.training.micro_batch_size); }
+  double evaluate();
   std::vector<std::pair<std::string, std::string>> generate_samples() {
     return ctx().generate(config.generation.prompts, config.generation.max_new_tokens);
   }
@@ -76,8 +94,83 @@ Trainer::Trainer(TrainConfig config) : s_(std::make_unique<State>()) {
 
 Trainer::~Trainer() = default;
 
+void Trainer::State::connect() {
+  const auto world = dist::WorldInfo::from_environment();
+  if (!world) return;
+  const auto& d = config.training.distributed;
+  const std::string backend =
+      dist::resolve_backend(d.backend, "cpu");  // training.device: the GPU issue
+  const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(d.timeout_seconds * 1000));
+  comm = dist::Communicator::connect(*world, backend, timeout);
+  log::set_worker_rank(world->rank);
+  // One generator state on every rank (one checkpoint restores them all), a
+  // dropout stream of its own per rank.
+  nn::set_hash_dropout_stream(static_cast<uint64_t>(world->rank));
+  log::info("data parallel: rank " + std::to_string(world->rank) + " of " +
+            std::to_string(world->world_size) + " over " + backend + " (c10d), rendezvous " +
+            world->master_addr + ":" + std::to_string(world->master_port));
+}
+
+// Named as build_optimizer() lists them: each trainable tensor once.
+std::vector<std::string> Trainer::State::trainable_names() {
+  std::set<c10::TensorImpl*> seen;
+  std::vector<std::string> names;
+  for (const auto& item : ctx().model->named_parameters())
+    if (item.value().requires_grad() && seen.insert(item.value().unsafeGetTensorImpl()).second)
+      names.push_back(item.key());
+  return names;
+}
+
+int Trainer::State::agreed_stop_signal() {
+  const int mine = pending_stop_signal();
+  if (!comm) return mine;
+  at::Tensor sig = at::full({1}, mine, at::kLong);
+  comm->all_reduce_max(sig);
+  return static_cast<int>(sig.item<int64_t>());
+}
+
+// Rank 0 picks the checkpoint; every rank must see that same folder.
+std::optional<std::string> Trainer::State::agreed_resume_dir() {
+  std::optional<std::string> dir;
+  if (config.resume == "auto")
+    dir = detail::find_latest_checkpoint(config.output_dir);
+  else if (config.resume != "none")
+    dir = config.resume;
+  if (!comm) return dir;
+  int64_t step = -1;
+  if (dir && config.resume == "auto") step = std::stoll(dir->substr(dir->rfind('-') + 1));
+  at::Tensor t = at::full({1}, step, at::kLong);
+  comm->broadcast(t, 0);
+  step = t.item<int64_t>();
+  if (config.resume != "auto") return dir;  // none, or the same named folder everywhere
+  if (step < 0) {
+    if (dir)
+      throw std::runtime_error("rank " + std::to_string(rank()) + " sees checkpoint " + *dir +
+                               " but rank 0 sees none in " + config.output_dir +
+                               ": output_dir must be one shared folder");
+    return std::nullopt;
+  }
+  const std::string agreed = config.output_dir + "/" + detail::checkpoint_name(step);
+  if (!fs::is_dir(agreed))
+    throw std::runtime_error("rank " + std::to_string(rank()) + ": rank 0 resumes from " + agreed +
+                             ", which this rank cannot see: output_dir must be one "
+                             "folder shared by every rank");
+  return agreed;
+}
+
+double Trainer::State::evaluate() {
+  if (!comm) return ctx().evaluate(data.eval, config.training.micro_batch_size);
+  auto [total, tokens] =
+      ctx().evaluate_sums(data.eval, config.training.micro_batch_size, rank(), world_size());
+  at::Tensor sums = at::tensor({total, static_cast<double>(tokens)}, at::kDouble);
+  comm->all_reduce_sum(sums);
+  if (sums[1].item<double>() == 0) return std::nan("");
+  return sums[0].item<double>() / sums[1].item<double>();
+}
+
 void Trainer::State::setup_training() {
   if (training_prepared) return;
+  connect();
   ModelContext& c = ctx();
   data = load_data_splits(config, *c.tokenizer);
   log::info("data: " + std::to_string(data.train->size()) + " training examples (" +
@@ -90,15 +183,24 @@ void Trainer::State::setup_training() {
   lo.shuffle = config.data.shuffle;
   lo.max_length = config.data.max_length;
   lo.pad_id = data::padding_id(*c.tokenizer);
+  lo.num_shards = world_size();
+  lo.shard = rank();
   loader = std::make_unique<data::DataLoader>(data.train, lo);
   build_optimizer();
+  if (comm) {
+    const double bytes = config.training.distributed.bucket_mb * (1 << 20);
+    reducer = std::make_unique<dist::GradientReducer>(*comm, params, static_cast<int64_t>(bytes));
+  }
   loop.total_steps = count_total_steps();
-  // Only now that everything loaded: a failed start leaves no output behind.
-  fs::make_dirs(config.output_dir);
-  log::add_file(config.output_dir + "/train.log");
   const auto& t = config.training;
   schedule = std::make_unique<LRSchedule>(t.scheduler, t.lr, t.warmup_steps, loop.total_steps);
-  metrics.open(config.output_dir);
+  // Only now that everything loaded: a failed start leaves no output behind.
+  if (main_rank()) {
+    fs::make_dirs(config.output_dir);
+    log::add_file(config.output_dir + "/train.log");
+    metrics.open(config.output_dir);
+  }
+  if (comm) comm->barrier();  // the output folder exists before any rank looks into it
   training_prepared = true;
 }
 
@@ -149,17 +251,30 @@ std::vector<data::Batch> Trainer::State::next_window() {
 
 bool Trainer::State::train_step() {
   const auto window = next_window();
-  if (window.empty()) return false;
-  ctx().model->train();
   int64_t label_tokens = 0, tokens = 0;
   for (const auto& b : window) {
     label_tokens += detail::count_label_tokens(b.labels);
     tokens += b.attention_mask.sum().item<int64_t>();
   }
+  if (comm) {
+    // The loss is normalised by the step's label tokens over all ranks, so N
+    // ranks of m rows train exactly as one process of N * m rows.
+    at::Tensor counts = at::tensor({label_tokens, tokens, static_cast<int64_t>(window.size())});
+    comm->all_reduce_sum(counts);
+    label_tokens = counts[0].item<int64_t>();
+    tokens = counts[1].item<int64_t>();
+    if (counts[2].item<int64_t>() == 0) return false;
+  } else if (window.empty()) {
+    return false;
+  }
+  ctx().model->train();
   const auto t0 = Clock::now();
   optimizer->zero_grad();
   double loss_sum = 0;
-  for (const auto& b : window) {
+  for (size_t i = 0; i < window.size(); ++i) {
+    const data::Batch& b = window[i];
+    if (reducer && i + 1 == window.size()) reducer->prepare_for_backward();
+    if (b.input_ids.size(0) == 0) continue;  // this rank's share of a short last step
     std::optional<at::Tensor> positions, segments;
     if (config.data.packing) {
       positions = b.position_ids;
@@ -171,6 +286,15 @@ bool Trainer::State::train_step() {
     loss.backward();
     loss_sum += loss.item<double>();
   }
+  if (reducer) {
+    const auto c0 = Clock::now();
+    reducer->finish();  // every rank now holds the summed gradient
+    at::Tensor l = at::full({1}, loss_sum, at::kDouble);
+    comm->all_reduce_sum(l);
+    loss_sum = l.item<double>();
+    comm_seconds += std::chrono::duration<double>(Clock::now() - c0).count();
+  }
+  ++steps_run;
   if (gradient_hook) gradient_hook(loop.step + 1, params);
   const double lr = schedule->lr(loop.step);
   for (auto& group : optimizer->param_groups()) group.options().set_lr(lr);
@@ -201,9 +325,10 @@ bool Trainer::State::train_step() {
   const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   loop.train_seconds += seconds;
   loop.trained_tokens += tokens;
-  metrics.train_step(loop.step, loop.total_steps, loss_sum, lr, grad_norm, tokens, seconds,
-                     loop.trained_tokens / std::max(1e-9, loop.train_seconds),
-                     config.training.log_every);
+  if (main_rank())
+    metrics.train_step(loop.step, loop.total_steps, loss_sum, lr, grad_norm, tokens, seconds,
+                       loop.trained_tokens / std::max(1e-9, loop.train_seconds),
+                       config.training.log_every);
   return true;
 }
 
@@ -212,6 +337,10 @@ detail::CheckpointParts Trainer::State::checkpoint_parts(const std::string& conf
 }
 
 std::string Trainer::State::save_checkpoint() {
+  if (!main_rank()) {  // rank 0 writes the one checkpoint every rank resumes from
+    saved_step = loop.step;
+    return config.output_dir + "/" + detail::checkpoint_name(loop.step);
+  }
   loop.data_state_json = loader->state().to_json();
   const std::string yaml = config.to_yaml();
   const std::string dir = detail::save_checkpoint(config.output_dir, checkpoint_parts(yaml), loop);
@@ -240,7 +369,7 @@ void Trainer::State::resume_from(const std::string& dir) {
   loop.total_steps = total_steps;
   saved_step = loop.step;
   loader->restore(data::LoaderState::from_json(loop.data_state_json));
-  metrics.truncate_after(loop.step);
+  if (main_rank()) metrics.truncate_after(loop.step);
   log::info("resumed from " + dir + " at step " + std::to_string(loop.step));
 }
 
@@ -262,45 +391,56 @@ TrainSummary Trainer::run() {
   const auto start = Clock::now();
   s.setup_training();
   TrainSummary summary;
-  std::optional<std::string> resume_dir;
-  if (s.config.resume == "auto")
-    resume_dir = detail::find_latest_checkpoint(s.config.output_dir);
-  else if (s.config.resume != "none")
-    resume_dir = s.config.resume;
+  const std::optional<std::string> resume_dir = s.agreed_resume_dir();
   if (resume_dir) {
     s.resume_from(*resume_dir);
     summary.resumed_from_step = s.loop.step;
   }
+  if (s.comm) dist::check_identical(*s.comm, s.params, s.trainable_names());
   summary.eval_loss_before = s.evaluate();
-  s.metrics.eval(s.loop.step, summary.eval_loss_before);
-  summary.generations_before = s.generate_samples();
+  if (s.main_rank()) {
+    s.metrics.eval(s.loop.step, summary.eval_loss_before);
+    summary.generations_before = s.generate_samples();
+  }
   const auto& t = s.config.training;
   while (s.loop.step < s.loop.total_steps) {
-    if (const int sig = pending_stop_signal()) s.stop_for_signal(sig);
+    if (const int sig = s.agreed_stop_signal()) s.stop_for_signal(sig);
     if (!s.train_step()) break;
     const int64_t step = s.loop.step;
     if (t.save_every > 0 && step % t.save_every == 0 && step < s.loop.total_steps)
       s.save_checkpoint();
-    if (const int sig = pending_stop_signal()) s.stop_for_signal(sig);
-    if (t.eval_every > 0 && step % t.eval_every == 0 && step < s.loop.total_steps)
-      s.metrics.eval(step, s.evaluate());
+    if (const int sig = s.agreed_stop_signal()) s.stop_for_signal(sig);
+    if (t.eval_every > 0 && step % t.eval_every == 0 && step < s.loop.total_steps) {
+      const double loss = s.evaluate();
+      if (s.main_rank()) s.metrics.eval(step, loss);
+    }
   }
   s.save_checkpoint();
-  if (const int sig = pending_stop_signal()) s.stop_for_signal(sig);
+  if (const int sig = s.agreed_stop_signal()) s.stop_for_signal(sig);
   summary.eval_loss_after = s.evaluate();
-  s.metrics.eval(s.loop.step, summary.eval_loss_after);
-  summary.generations_after = s.generate_samples();
   const std::string adapter_dir = s.config.output_dir + "/adapter";
-  nn::save_peft_adapter(adapter_dir, *s.ctx().model, s.ctx().lora, {s.config.model.path});
+  if (s.main_rank()) {
+    s.metrics.eval(s.loop.step, summary.eval_loss_after);
+    summary.generations_after = s.generate_samples();
+    nn::save_peft_adapter(adapter_dir, *s.ctx().model, s.ctx().lora, {s.config.model.path});
+  }
   summary.steps = s.loop.step;
   summary.skipped_steps = s.loop.skipped_steps;
   summary.tokens_per_second = s.loop.trained_tokens / std::max(1e-9, s.loop.train_seconds);
   summary.peak_rss_bytes = peak_rss_bytes();
+  summary.world_size = s.world_size();
+  summary.communication_seconds_per_step = s.comm_seconds / std::max<int64_t>(1, s.steps_run);
   summary.wall_seconds = std::chrono::duration<double>(Clock::now() - start).count();
-  summary.paths = {adapter_dir, s.config.output_dir + "/" + detail::checkpoint_name(s.loop.step),
-                   s.metrics.path(), s.metrics.plot()};
-  const std::string json = summary.to_json();
-  io::write_bytes_atomic(s.config.output_dir + "/summary.json", json.data(), json.size());
+  if (s.main_rank())
+    summary.paths = {adapter_dir, s.config.output_dir + "/" + detail::checkpoint_name(s.loop.step),
+                     s.metrics.path(), s.metrics.plot()};
+  if (s.main_rank()) {
+    const std::string json = summary.to_json();
+    io::write_bytes_atomic(s.config.output_dir + "/summary.json", json.data(), json.size());
+  }
+  // Nobody leaves before rank 0 has written everything (a launcher's exit
+  // means the run's files are complete).
+  if (s.comm) s.comm->barrier();
   return summary;
 }
 
@@ -314,6 +454,8 @@ std::string TrainSummary::to_json() const {
   j["steps"] = steps;
   j["skipped_steps"] = skipped_steps;
   j["resumed_from_step"] = resumed_from_step;
+  j["world_size"] = world_size;
+  j["communication_seconds_per_step"] = communication_seconds_per_step;
   auto gens = [](const auto& v) {
     nlohmann::json a = nlohmann::json::array();
     for (const auto& [p, g] : v) a.push_back({{"prompt", p}, {"generation", g}});

@@ -29,4 +29,10 @@ void add_file(const std::string& path) {
   logger()->sinks().push_back(sink);
 }
 
+void set_worker_rank(int rank) {
+  if (rank == 0) return;
+  logger()->set_pattern("[%H:%M:%S] [rank " + std::to_string(rank) + "] %^%l%$ %v");
+  logger()->set_level(spdlog::level::warn);
+}
+
 }  // namespace qlora::log

@@ -1,5 +1,6 @@
 // qlora: the command-line front end.
 //   qlora train CONFIG [--set key=value ...] [--dry-run]
+//               [--nproc-per-node N [--nnodes M --node-rank R --master-addr A --master-port P]]
 //   qlora plan CONFIG [--set ...]
 //   qlora eval CONFIG [--adapter DIR] [--set ...]
 //   qlora generate (CONFIG | --model PATH [--template T]) --prompt TEXT [--adapter DIR]
@@ -19,6 +20,7 @@
 #include <iostream>
 
 #include "inspect.h"
+#include "qlora/dist/launcher.h"
 #include "qlora/export/export.h"
 #include "qlora/export/hf_folder.h"
 #include "qlora/models/loader.h"
@@ -128,6 +130,27 @@ int export_model(const TrainConfig& config, const std::string& adapter, const st
 
 }  // namespace
 
+// The worker command for the launcher: our own arguments without the launcher's options.
+std::vector<std::string> worker_arguments(int argc, char** argv) {
+  static const std::vector<std::string> launcher_options = {
+      "--nproc-per-node", "--nnodes", "--node-rank", "--master-addr", "--master-port"};
+  std::vector<std::string> out{argv[0]};
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    bool skip = false;
+    for (const auto& o : launcher_options) {
+      if (a == o) {
+        skip = true;
+        ++i;  // and its value
+      } else if (a.rfind(o + "=", 0) == 0) {
+        skip = true;
+      }
+    }
+    if (!skip) out.push_back(a);
+  }
+  return out;
+}
+
 int main(int argc, char** argv) {
   CLI::App app{"qlora: QLoRA fine-tuning in one native binary"};
   app.require_subcommand(1);
@@ -142,6 +165,18 @@ int main(int argc, char** argv) {
   train_cmd->add_option("--set", sets, "override a config key, e.g. --set training.lr=1e-4");
   bool dry_run = false;
   train_cmd->add_flag("--dry-run", dry_run, "print the memory plan (qlora plan) and stop");
+  qlora::dist::LaunchOptions launch;
+  auto* nproc_opt = train_cmd->add_option(
+      "--nproc-per-node", launch.nproc_per_node,
+      "start N data-parallel workers here (c10d; as torchrun --nproc-per-node)");
+  nproc_opt->check(CLI::Range(1, 1024));
+  train_cmd->add_option("--nnodes", launch.nnodes, "machines in the job (with --nproc-per-node)")
+      ->check(CLI::Range(1, 1 << 16));
+  train_cmd->add_option("--node-rank", launch.node_rank, "this machine's index in [0, nnodes)");
+  train_cmd->add_option("--master-addr", launch.master_addr,
+                        "rank 0's address (default 127.0.0.1)");
+  train_cmd->add_option("--master-port", launch.master_port,
+                        "rank 0's store port (default: a free port; required with --nnodes > 1)");
 
   auto* plan_cmd = app.add_subcommand(
       "plan", "the memory a training run will need, before loading anything (exit 3: too much)");
@@ -202,6 +237,15 @@ int main(int argc, char** argv) {
   // writers report with the path, instead of killing the process.
   signal(SIGXFSZ, SIG_IGN);
   try {
+    if (*train_cmd && nproc_opt->count() && !dry_run) {
+      launch.worker_argv = worker_arguments(argc, argv);
+      // A collective gives up after the configured timeout; the launcher gives
+      // the survivors that long (and a little) before it kills them.
+      const auto cfg = TrainConfig::from_yaml_file(config, sets);
+      launch.grace =
+          std::chrono::seconds(static_cast<int64_t>(cfg.training.distributed.timeout_seconds) + 10);
+      return qlora::dist::launch_workers(launch);
+    }
     if (*train_cmd) return train(config, sets, dry_run);
     if (*plan_cmd) return plan(TrainConfig::from_yaml_file(config, sets));
     if (*eval_cmd) return evaluate(model_config(config, "", "", sets), adapter);

@@ -23,8 +23,13 @@ struct Batch {
   int64_t num_examples = 0;
 };
 
+// A batch of no rows ([0, 0] tensors): a data-parallel rank's share of an
+// epoch's last, short step.
+Batch empty_batch();
+
 // Each row holds one or more examples laid end to end. Throws std::invalid_argument on an empty
 // batch or row.
+
 Batch collate_rows(const std::vector<std::vector<const Example*>>& rows, int32_t pad_id);
 // One example per row.
 Batch collate_examples(const std::vector<const Example*>& examples, int32_t pad_id);

@@ -21,6 +21,13 @@ struct LoaderOptions {
   int64_t max_length = 0;  // the packed row length; required when packing
   bool drop_last = false;  // drop an epoch's last, smaller batch
   int32_t pad_id = 0;      // see padding_id()
+  // Data parallelism: one step serves num_shards * micro_batch_size rows of
+  // the epoch's order and this loader returns slice `shard` of them, so N
+  // shards of micro-batch m see what one loader of 2m (or of m with N
+  // accumulation steps) sees. A shard whose slice of an epoch's last step is
+  // empty gets an empty batch (0 rows), to keep the ranks in step.
+  int64_t num_shards = 1;
+  int64_t shard = 0;
 };
 
 // Everything needed to continue exactly where a loader stopped. The RNG state is (seed, epoch):
@@ -29,7 +36,10 @@ struct LoaderOptions {
 struct LoaderState {
   uint64_t seed = 0;
   int64_t epoch = 0;
-  int64_t position = 0;  // batches already served in this epoch
+  int64_t position = 0;  // steps (batches of every shard) already served in this epoch
+  // Rows of the epoch's order served: what a loader with another num_shards
+  // resumes from (it must be a multiple of its micro_batch_size * num_shards).
+  int64_t rows = -1;  // -1: a state from before sharding (rows = position * micro_batch_size)
   // Of the dataset and the options that shape batches (shuffle, micro batch, packing, length,
   // drop_last); restore() refuses a state taken on different data or settings.
   uint64_t fingerprint = 0;
@@ -51,7 +61,7 @@ class DataLoader {
 
   int64_t epoch() const { return epoch_; }
   int64_t position() const { return position_; }
-  int64_t batches_per_epoch() const;  // of the current epoch (packing makes it vary)
+  int64_t batches_per_epoch() const;  // steps of the current epoch (packing makes it vary)
 
   LoaderState state() const;
   // Throws std::invalid_argument if the state's fingerprint does not match this loader's.

@@ -14,4 +14,9 @@ namespace qlora::nn {
 // Meta, autograd) with that seed.
 at::Tensor hash_dropout(const at::Tensor& x, double p);
 
+// Mixed into every seed drawn after it is set (0: none). Data-parallel ranks
+// set their rank: the generator stays the same on every rank (one checkpoint
+// restores them all) while each rank draws its own masks.
+void set_hash_dropout_stream(uint64_t stream);
+
 }  // namespace qlora::nn

@@ -68,6 +68,15 @@ struct TrainConfig {
     int64_t log_every = 1;
     int64_t max_consecutive_nonfinite = 5;
     int64_t threads = 0;  // 0: the machine's cores
+    // Data parallelism (docs/DISTRIBUTED.md): used when a launcher set
+    // WORLD_SIZE (qlora train --nproc-per-node N, or torchrun).
+    struct Distributed {
+      std::string backend = "auto";  // auto (NCCL on CUDA, Gloo on the CPU) | gloo | nccl
+      // A collective or the rendezvous waiting longer than this fails the
+      // run: the limit on how long a dead or hung peer can stall the others.
+      double timeout_seconds = 1800;
+      double bucket_mb = 4;  // gradient bucket size for the overlapped all-reduce
+    } distributed;
   } training;
   struct Generation {
     std::vector<std::string> prompts;  // instructions shown before and after training

@@ -41,6 +41,11 @@ struct ModelContext {
   // Mean label-token cross-entropy over `eval` (NaN when it is empty), in
   // eval mode and without gradients; the model is left in training mode.
   double evaluate(const std::shared_ptr<const data::Dataset>& eval, int64_t micro_batch_size);
+  // The summed label-token loss and the label-token count of shard `shard`
+  // of `num_shards` (data-parallel evaluation: the ranks add them up).
+  std::pair<double, int64_t> evaluate_sums(const std::shared_ptr<const data::Dataset>& eval,
+                                           int64_t micro_batch_size, int64_t shard = 0,
+                                           int64_t num_shards = 1);
 
   // Greedy completions of instructions rendered with the prompt template.
   std::vector<std::pair<std::string, std::string>> generate(const std::vector<std::string>& prompts,

@@ -833,6 +833,13 @@ std::vector<std::vector<int64_t>> batch_rows(const qd::Batch& b) {
   return rows;
 }
 
+// The rows without their padding (batches pad to their own longest row).
+std::vector<std::vector<int64_t>> unpadded_rows(const qd::Batch& b) {
+  auto rows = batch_rows(b);
+  for (auto& r : rows) r.erase(std::remove(r.begin(), r.end(), int64_t{kPad}), r.end());
+  return rows;
+}
+
 TEST(DataLoader, EpochsCoverEveryExampleOnceInAFreshOrder) {
   auto d = std::make_shared<qd::Dataset>(numbered_dataset(10));
   qd::LoaderOptions o;
@@ -898,6 +905,57 @@ TEST(DataLoader, RestoreContinuesExactlyAcrossEpochs) {
   }
 }
 
+// Two shards of micro-batch 2 serve, step by step, the rows one loader of 4 serves; the short
+// last step leaves shard 1 an empty batch; a state saved by the shards resumes a loader of one
+// shard (micro-batch 2, two batches per step) at the same row, and the reverse.
+TEST(DataLoader, ShardsSplitEachStepAndStatesMoveBetweenShardCounts) {
+  auto d = std::make_shared<qd::Dataset>(numbered_dataset(9));
+  qd::LoaderOptions o;
+  o.seed = 3;
+  o.pad_id = kPad;
+  o.micro_batch_size = 4;
+  qd::DataLoader whole(d, o);
+  o.micro_batch_size = 2;
+  o.num_shards = 2;
+  o.shard = 0;
+  qd::DataLoader s0(d, o);
+  o.shard = 1;
+  qd::DataLoader s1(d, o);
+  EXPECT_EQ(s0.batches_per_epoch(), 3);
+  for (int step = 0; step < 3; ++step) {
+    auto w = unpadded_rows(*whole.next());
+    auto a = unpadded_rows(*s0.next()), b = unpadded_rows(*s1.next());
+    a.insert(a.end(), b.begin(), b.end());
+    EXPECT_EQ(a, w) << "step " << step;
+    if (step == 2) {
+      EXPECT_TRUE(b.empty());  // row 8 alone: shard 0's
+    }
+  }
+  EXPECT_FALSE(s0.next().has_value());  // epoch over
+  // Mid-epoch: one step of the shards = 4 rows = two batches of a one-shard loader.
+  qd::DataLoader s0b(d, o);  // shard 1 settings; state is shard-independent
+  s0b.next();
+  const qd::LoaderState st = s0b.state();
+  EXPECT_EQ(st.rows, 4);
+  qd::LoaderOptions one = o;
+  one.num_shards = 1;
+  one.shard = 0;
+  qd::DataLoader single(d, one), reference(d, one);
+  single.restore(qd::LoaderState::from_json(st.to_json()));
+  reference.next();
+  reference.next();
+  EXPECT_EQ(unpadded_rows(*single.next()), unpadded_rows(*reference.next()));
+  // A one-shard state after 3 batches (6 rows) is not a step boundary of two shards.
+  qd::DataLoader odd(d, one);
+  for (int i = 0; i < 3; ++i) odd.next();
+  qd::DataLoader sharded(d, o);
+  EXPECT_THROW(sharded.restore(odd.state()), std::invalid_argument);
+  // Bad shard settings are refused.
+  qd::LoaderOptions bad = o;
+  bad.shard = 2;
+  EXPECT_THROW(qd::DataLoader(d, bad), std::invalid_argument);
+}
+
 TEST(DataLoader, PackedEpochHoldsEveryExampleOnce) {
   auto d = std::make_shared<qd::Dataset>(numbered_dataset(30));
   qd::LoaderOptions o;
@@ -932,6 +990,9 @@ TEST(DataLoader, RestoreRefusesForeignStates) {
   expect_error([&] { other_data.restore(state); }, "different dataset");
   qd::LoaderState past = state;
   past.position = 6;
+  past.rows = 12;
+  expect_error([&] { loader.restore(past); }, "past the end of epoch 0");
+  past.rows = -1;  // a state from before sharding: batches
   expect_error([&] { loader.restore(past); }, "past the end of epoch 0");
   EXPECT_EQ(loader.position(), 1);  // unchanged by the refused restore
   expect_error([] { qd::LoaderState::from_json("{\"seed\": 1}"); }, "not a loader state");
