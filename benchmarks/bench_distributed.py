@@ -1,4 +1,4 @@
-"""Data parallelism on this machine: `qlora train` of the demo config (SmolLM2-135M, NF4,
+"""Data parallelism on this machine: `qlora train` of the demo config (SmolLM2-135M re-quantised to NF4,
 r 16, micro-batch 8 x 2 accumulation) for a few steps as 1 rank x 2 threads against 2 ranks
 x 1 thread (c10d Gloo over 127.0.0.1, the same global batch), with the all-reduce time per
 step each rank reports (time waiting in collectives after backward: what the overlap did not
@@ -29,7 +29,8 @@ def run(name, steps, nproc, threads, micro, accum):
     sets = [f"training.max_steps={steps}", f"training.micro_batch_size={micro}",
             f"training.gradient_accumulation_steps={accum}", "training.eval_every=0",
             "training.save_every=0", f"training.threads={threads}", "generation.prompts=[]",
-            "data.eval_max_examples=8", f"output_dir={out}", "resume=none"]
+            "data.eval_max_examples=8", f"output_dir={out}", "resume=none",
+            "model.base_format=requantize"]  # NF4, as recorded in RESULTS.md
     cmd = [str(QLORA), "train", str(REPO / "configs" / "demo.yaml")]
     for s in sets:
         cmd += ["--set", s]

@@ -36,7 +36,9 @@ def run_ours(steps, out, compute_dtype, selective):
             "--set", f"training.selective_recompute={'true' if selective else 'false'}",
             "--set", "training.eval_every=0", "--set", "training.save_every=0", "--set", "data.eval_max_examples=8",
             "--set", "generation.prompts=[]", "--set", f"output_dir={out}", "--set", "resume=none",
-            "--set", "training.warmup_steps=0"]
+            "--set", "training.warmup_steps=0",
+            # the reference loads the NF4 bitsandbytes folder: compare the same base
+            "--set", "model.base_format=requantize"]
     subprocess.run(args, check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     summary = json.load(open(os.path.join(out, "summary.json")))
     return summary["tokens_per_second"], summary["peak_rss_bytes"]

@@ -10,7 +10,9 @@
 #include "qlora/dist/communicator.h"
 
 #include <c10/util/Exception.h>
+#ifdef QLORA_HAVE_GLOO
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#endif
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include <signal.h>
@@ -145,9 +147,15 @@ std::unique_ptr<Communicator> Communicator::connect(const WorldInfo& world,
   }
   try {
     if (backend == "gloo") {
+#ifdef QLORA_HAVE_GLOO
       auto opts = c10d::ProcessGroupGloo::Options::create_default(timeout);
       m.backend =
           c10::make_intrusive<c10d::ProcessGroupGloo>(m.store, world.rank, world.world_size, opts);
+#else
+      throw std::invalid_argument(
+          "this build has no Gloo process group (gloo's headers were missing at build time: "
+          "apt-get install libgloo-dev and rebuild)");
+#endif
     } else if (backend == "nccl") {
       m.backend = detail::make_nccl_backend(m.store, world.rank, world.world_size, timeout);
     } else {
@@ -213,8 +221,14 @@ void Communicator::barrier() {
 
 std::string resolve_backend(const std::string& configured, const std::string& device_type) {
   const bool cuda = device_type == "cuda";
-  if (configured == "auto") return cuda ? resolve_backend("nccl", device_type) : "gloo";
-  if (configured == "gloo") return "gloo";
+  if (configured == "auto") return resolve_backend(cuda ? "nccl" : "gloo", device_type);
+  if (configured == "gloo") {
+    if (!has_gloo())
+      throw std::invalid_argument(
+          "training.distributed.backend: gloo, but this build has no Gloo process group "
+          "(apt-get install libgloo-dev and rebuild)");
+    return "gloo";
+  }
   if (configured == "nccl") {
     if (!has_nccl())
       throw std::invalid_argument(
@@ -230,5 +244,13 @@ std::string resolve_backend(const std::string& configured, const std::string& de
 }
 
 bool has_nccl() { return detail::nccl_available(); }
+
+bool has_gloo() {
+#ifdef QLORA_HAVE_GLOO
+  return true;
+#else
+  return false;
+#endif
+}
 
 }  // namespace qlora::dist

@@ -88,7 +88,8 @@ class Communicator {
 // backend this build or device cannot run.
 std::string resolve_backend(const std::string& configured, const std::string& device_type);
 
-// Whether this build has the NCCL process group (CUDA builds).
+// Whether this build has the NCCL process group (CUDA builds) and the Gloo one.
 bool has_nccl();
+bool has_gloo();
 
 }  // namespace qlora::dist
