@@ -151,14 +151,20 @@ int launch_workers(const LaunchOptions& o) {
     if (code != 0 && result == 0) result = code;
     // Stopping on a signal, each worker saves and exits by itself (130/143):
     // another signal now would end a save half way.
+    const int rank = o.node_rank * o.nproc_per_node + local;
     if (code != 0 && !failing && !g_signals) {
       failing = true;
       kill_at = std::chrono::steady_clock::now() + o.grace;
-      std::cerr << "qlora launcher: worker rank " << o.node_rank * o.nproc_per_node + local
-                << " (pid " << pid << ") " << describe_status(status)
-                << "; stopping the other workers\n";
-      for (int i = 0; i < o.nproc_per_node; ++i)
-        if (g_pids[i] > 0) kill(g_pids[i], SIGTERM);
+      // No signal to the others now: their next collective fails on the dead
+      // peer's closed connections (or times out on a hung one) and they exit
+      // with a message naming it; a SIGTERM would race that exit and end a
+      // worker silently. Whatever is left after the grace period is killed.
+      std::cerr << "qlora launcher: worker rank " << rank << " (pid " << pid << ") "
+                << describe_status(status) << "; the others get " << o.grace.count()
+                << " s to stop\n";
+    } else if (failing) {
+      std::cerr << "qlora launcher: worker rank " << rank << " (pid " << pid << ") "
+                << describe_status(status) << "\n";
     }
   }
   sigaction(SIGINT, &old_int, nullptr);

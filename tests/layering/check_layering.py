@@ -20,8 +20,9 @@ ALLOWED.update({
     "models": OPS | {"util", "io", "nn"},
     "data": OPS | {"util", "io", "tokenizers"},
     "optim": OPS | {"util"},
+    "dist": OPS | {"util"},
     "export": OPS | {"util", "io", "nn", "models", "tokenizers"},
-    "train": OPS | {"util", "io", "nn", "models", "tokenizers", "data", "optim", "export"},
+    "train": OPS | {"util", "io", "nn", "models", "tokenizers", "data", "optim", "export", "dist"},
 })
 # Top-level public headers belong to the ops library.
 TOP_LEVEL_OPS_HEADERS = {"ops.h", "quant_state.h", "code_tables.h", "cpu_capability.h"}

@@ -130,23 +130,29 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch_and_with_accumulation(
                                                            rel=1e-6)
 
 
-def test_sigkill_of_a_rank_fails_the_job_and_resume_continues_with_one_or_two_ranks(
-        tiny, data21, one_rank_big, tmp_path):
-    out = tmp_path / "out"
+def signal_rank_1_after(tmp_path, tiny, data21, out, checkpoint, sig, wait_seconds):
+    """Starts 2 ranks, sends rank 1 `sig` once `checkpoint` exists; (elapsed, stderr, pids)."""
     cfg = dp_config(tmp_path / "c.yaml", tiny, data21, out, training__micro_batch_size=2,
                     training__distributed={"timeout_seconds": TIMEOUT})
     p = launch(cfg, 2, wait=False)
-    wait_for(out / "checkpoint-4" / "trainer_state.json", p)
+    wait_for(out / checkpoint / "trainer_state.json", p)
     ranks = workers_of(p.pid)
-    os.kill(ranks[1], signal.SIGKILL)
+    os.kill(ranks[1], sig)
     t = time.time()
-    _, err = p.communicate(timeout=TIMEOUT + 60)
-    elapsed = time.time() - t
-    assert p.returncode != 0
+    _, err = p.communicate(timeout=wait_seconds)
+    assert p.returncode != 0, err[-3000:]
+    no_process_left(ranks.values())
+    return time.time() - t, err
+
+
+def test_sigkill_of_a_rank_fails_the_job_and_resume_continues_with_one_or_two_ranks(
+        tiny, data21, one_rank_big, tmp_path):
+    out = tmp_path / "out"
+    elapsed, err = signal_rank_1_after(tmp_path, tiny, data21, out, "checkpoint-4",
+                                       signal.SIGKILL, TIMEOUT + 60)
     assert elapsed < TIMEOUT + 15, (elapsed, err[-3000:])
     assert "worker rank 1" in err and "killed by signal 9" in err, err[-3000:]
     assert "rank 0 of 2" in err and "failed" in err, (elapsed, err[-3000:])
-    no_process_left(ranks.values())
     # Resume from the last complete checkpoint, once with 1 rank x 2 accumulation steps
     # (the same 4 rows per step) and once with 2 ranks: both as the uninterrupted run.
     copy = tmp_path / "copy"
@@ -162,19 +168,10 @@ def test_sigkill_of_a_rank_fails_the_job_and_resume_continues_with_one_or_two_ra
 
 
 def test_a_hung_rank_fails_the_job_within_the_timeout(tiny, data21, tmp_path):
-    out = tmp_path / "out"
-    cfg = dp_config(tmp_path / "c.yaml", tiny, data21, out, training__micro_batch_size=2,
-                    training__distributed={"timeout_seconds": TIMEOUT})
-    p = launch(cfg, 2, wait=False)
-    wait_for(out / "checkpoint-2" / "trainer_state.json", p)
-    ranks = workers_of(p.pid)
-    os.kill(ranks[1], signal.SIGSTOP)
-    t = time.time()
-    _, err = p.communicate(timeout=3 * TIMEOUT + 60)
-    assert p.returncode != 0, err[-3000:]
-    assert time.time() - t < 2 * TIMEOUT + 30, err[-3000:]
+    elapsed, err = signal_rank_1_after(tmp_path, tiny, data21, tmp_path / "out", "checkpoint-2",
+                                       signal.SIGSTOP, 3 * TIMEOUT + 60)
+    assert elapsed < 2 * TIMEOUT + 30, (elapsed, err[-3000:])
     assert "rank 0 of 2" in err, err[-3000:]
-    no_process_left(ranks.values())
 
 
 def test_ctrl_c_on_the_launcher_stops_every_rank_at_one_step(tiny, data21, one_rank_big,

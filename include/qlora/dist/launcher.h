@@ -18,7 +18,8 @@ struct LaunchOptions {
   std::string master_addr = "127.0.0.1";
   int master_port = 0;  // 0: a free port on master_addr (single node only)
   // After the first worker fails, how long the others get to exit on their
-  // own (they see the failure as a collective error) before SIGKILL.
+  // own (they see the failure as a collective error, at once for a dead peer,
+  // after the collective timeout for a hung one) before SIGKILL.
   std::chrono::seconds grace{30};
   std::vector<std::string> worker_argv;  // argv[0] is the program to run
 };
