@@ -25,6 +25,7 @@
 #include "train/metrics.h"
 #include "util/fs.h"
 #include "util/log.h"
+#include "util/rng_state.h"
 
 namespace qlora::train {
 
@@ -292,6 +293,12 @@ bool Trainer::State::train_step() {
     at::Tensor l = at::full({1}, loss_sum, at::kDouble);
     comm->all_reduce_sum(l);
     loss_sum = l.item<double>();
+    // A rank whose share of a short last step was empty drew fewer dropout
+    // seeds: rank 0's generator state becomes everyone's again, so the one
+    // checkpoint rank 0 writes restores every rank exactly.
+    util::RngState rng = util::RngState::capture();
+    comm->broadcast(rng.cpu, 0);
+    rng.restore();
     comm_seconds += std::chrono::duration<double>(Clock::now() - c0).count();
   }
   ++steps_run;
