@@ -207,6 +207,34 @@ void PagedAdamW::load(torch::serialize::InputArchive& archive) {
   TORCH_CHECK(false, "PagedAdamW::load: not a PagedAdamW archive (no pytorch_version entry)");
 }
 
+std::vector<at::Tensor> PagedAdamW::export_param_state(const at::Tensor& p) const {
+  auto it = state_.find(p.unsafeGetTensorImpl());
+  if (it == state_.end()) return {};
+  const auto& st = static_cast<const PagedAdamWParamState&>(*it->second);
+  std::vector<at::Tensor> out{at::tensor({st.step(), st.skipped_elements()}, at::kLong)};
+  // Clones: a paged state may be a view of the page file.
+  for (const at::Tensor* t : {&st.exp_avg(), &st.exp_avg_sq(), &st.absmax1(), &st.absmax2()})
+    if (t->defined()) out.push_back(t->detach().to(at::kCPU).clone());
+  return out;
+}
+
+void PagedAdamW::import_param_state(const at::Tensor& p, const std::vector<at::Tensor>& state) {
+  TORCH_CHECK(state.size() == 3 || state.size() == 5,
+              "PagedAdamW::import_param_state: expected 3 or 5 tensors, got ", state.size());
+  auto st = std::make_unique<PagedAdamWParamState>();
+  st->step(state[0][0].item<int64_t>());
+  st->skipped_elements(state[0][1].item<int64_t>());
+  st->exp_avg(state[1]);
+  st->exp_avg_sq(state[2]);
+  if (state.size() == 5) {
+    st->absmax1(state[3]);
+    st->absmax2(state[4]);
+  }
+  state_[p.unsafeGetTensorImpl()] = std::move(st);
+}
+
+void PagedAdamW::drop_param_state(const at::Tensor& p) { state_.erase(p.unsafeGetTensorImpl()); }
+
 int64_t PagedAdamW::state_bytes() const {
   int64_t n = 0;
   for (const auto& [key, state] : state_) {

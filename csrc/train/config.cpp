@@ -110,6 +110,7 @@ const std::map<std::string, Field>& fields() {
       QLORA_FIELD("training.distributed.backend", training.distributed.backend),
       QLORA_FIELD("training.distributed.timeout_seconds", training.distributed.timeout_seconds),
       QLORA_FIELD("training.distributed.bucket_mb", training.distributed.bucket_mb),
+      QLORA_FIELD("training.distributed.shard_optimizer", training.distributed.shard_optimizer),
       QLORA_FIELD("generation.prompts", generation.prompts),
       QLORA_FIELD("generation.max_new_tokens", generation.max_new_tokens),
       QLORA_FIELD("output_dir", output_dir),
@@ -204,6 +205,9 @@ void validate(const TrainConfig& c, const std::string& source) {
                {"auto", "gloo", "nccl"});
   if (!(c.training.distributed.timeout_seconds > 0))
     fail(source, "\"training.distributed.timeout_seconds\" must be > 0");
+  if (c.training.distributed.shard_optimizer && c.training.optimizer == "adamw")
+    fail(source,
+         "\"training.distributed.shard_optimizer\" needs paged_adamw_32bit or paged_adamw_8bit");
   if (!(c.training.distributed.bucket_mb > 0))
     fail(source, "\"training.distributed.bucket_mb\" must be > 0");
   if (c.training.keep_last < 1) fail(source, "\"training.keep_last\" must be >= 1");

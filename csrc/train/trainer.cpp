@@ -4,6 +4,7 @@
 
 #include <torch/nn/utils/clip_grad.h>
 #include <torch/optim/adamw.h>
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <limits>
@@ -58,10 +59,17 @@ struct Trainer::State {
   // the gradient all-reduce. Rank 0 alone writes files.
   std::unique_ptr<dist::Communicator> comm;
   std::unique_ptr<dist::GradientReducer> reducer;
+  std::vector<int> owner;   // ZeRO-1: the rank that updates each parameter
   double comm_seconds = 0;  // waiting in collectives after backward, this process
   int64_t steps_run = 0;    // optimizer steps this process ran (not resumed ones)
 
   bool main_rank() const { return !comm || comm->rank() == 0; }
+  bool sharded() const { return comm && config.training.distributed.shard_optimizer; }
+  optim::PagedAdamW& paged() { return dynamic_cast<optim::PagedAdamW&>(*optimizer); }
+  void partition_parameters();
+  void gather_optimizer_states();
+  void drop_foreign_optimizer_states();
+  void step_sharded();
   int64_t rank() const { return comm ? comm->rank() : 0; }
   int64_t world_size() const { return comm ? comm->world_size() : 1; }
   void connect();
@@ -120,6 +128,71 @@ std::vector<std::string> Trainer::State::trainable_names() {
     if (item.value().requires_grad() && seen.insert(item.value().unsafeGetTensorImpl()).second)
       names.push_back(item.key());
   return names;
+}
+
+// ZeRO-1: parameters go to the least loaded rank in order (the same on every rank).
+void Trainer::State::partition_parameters() {
+  std::vector<int64_t> load(static_cast<size_t>(world_size()), 0);
+  owner.clear();
+  for (const auto& p : params) {
+    const auto r = std::min_element(load.begin(), load.end()) - load.begin();
+    owner.push_back(static_cast<int>(r));
+    load[r] += p.numel();
+  }
+}
+
+// Updates this rank's parameters (the others' gradients are dropped, so
+// PagedAdamW neither updates them nor creates their state), then every
+// parameter comes from its owner.
+void Trainer::State::step_sharded() {
+  for (size_t i = 0; i < params.size(); ++i)
+    if (owner[i] != rank()) params[i].mutable_grad() = at::Tensor();
+  optimizer->step();
+  torch::NoGradGuard no_grad;
+  for (size_t i = 0; i < params.size(); ++i) {
+    at::Tensor data = params[i].detach();
+    comm->broadcast(data, owner[i]);
+  }
+}
+
+// Before a checkpoint: rank 0 receives every other rank's parameter states,
+// so the file holds the whole optimizer as an unsharded run writes it.
+void Trainer::State::gather_optimizer_states() {
+  for (size_t i = 0; i < params.size(); ++i) {
+    const int o = owner[i];
+    if (o == 0) continue;
+    std::vector<at::Tensor> state;
+    if (rank() == o) state = paged().export_param_state(params[i]);
+    at::Tensor head = at::zeros({11}, at::kLong);  // count, then (numel, dtype) per tensor
+    if (rank() == o) {
+      head[0] = static_cast<int64_t>(state.size());
+      for (size_t k = 0; k < state.size(); ++k) {
+        head[1 + 2 * k] = state[k].numel();
+        head[2 + 2 * k] = static_cast<int64_t>(state[k].scalar_type());
+      }
+    }
+    comm->broadcast(head, o);
+    const int64_t n = head[0].item<int64_t>();
+    std::vector<at::Tensor> received;
+    for (int64_t k = 0; k < n; ++k) {
+      at::Tensor t = rank() == o
+                         ? state[k].reshape({-1}).contiguous()
+                         : at::empty({head[1 + 2 * k].item<int64_t>()},
+                                     static_cast<at::ScalarType>(head[2 + 2 * k].item<int64_t>()));
+      comm->broadcast(t, o);
+      received.push_back(t);
+    }
+    if (rank() == 0 && n > 0) {
+      received[1] = received[1].view(params[i].sizes());
+      received[2] = received[2].view(params[i].sizes());
+      paged().import_param_state(params[i], received);
+    }
+  }
+}
+
+void Trainer::State::drop_foreign_optimizer_states() {
+  for (size_t i = 0; i < params.size(); ++i)
+    if (owner[i] != rank()) paged().drop_param_state(params[i]);
 }
 
 int Trainer::State::agreed_stop_signal() {
@@ -191,6 +264,7 @@ void Trainer::State::setup_training() {
   if (comm) {
     const double bytes = config.training.distributed.bucket_mb * (1 << 20);
     reducer = std::make_unique<dist::GradientReducer>(*comm, params, static_cast<int64_t>(bytes));
+    if (sharded()) partition_parameters();
   }
   loop.total_steps = count_total_steps();
   const auto& t = config.training;
@@ -326,7 +400,10 @@ bool Trainer::State::train_step() {
     optimizer->zero_grad();
   } else {
     loop.consecutive_nonfinite = 0;
-    optimizer->step();
+    if (sharded())
+      step_sharded();
+    else
+      optimizer->step();
   }
   ++loop.step;
   const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
@@ -344,13 +421,21 @@ detail::CheckpointParts Trainer::State::checkpoint_parts(const std::string& conf
 }
 
 std::string Trainer::State::save_checkpoint() {
+  if (sharded()) gather_optimizer_states();
   if (!main_rank()) {  // rank 0 writes the one checkpoint every rank resumes from
     saved_step = loop.step;
     return config.output_dir + "/" + detail::checkpoint_name(loop.step);
   }
   loop.data_state_json = loader->state().to_json();
   const std::string yaml = config.to_yaml();
-  const std::string dir = detail::save_checkpoint(config.output_dir, checkpoint_parts(yaml), loop);
+  std::string dir;
+  try {
+    dir = detail::save_checkpoint(config.output_dir, checkpoint_parts(yaml), loop);
+  } catch (...) {
+    if (sharded()) drop_foreign_optimizer_states();
+    throw;
+  }
+  if (sharded()) drop_foreign_optimizer_states();
   saved_step = loop.step;
   metrics.checkpoint(loop.step);
   log::info("saved " + dir);
@@ -376,6 +461,7 @@ void Trainer::State::resume_from(const std::string& dir) {
   loop.total_steps = total_steps;
   saved_step = loop.step;
   loader->restore(data::LoaderState::from_json(loop.data_state_json));
+  if (sharded()) drop_foreign_optimizer_states();  // every rank loaded the whole state
   if (main_rank()) metrics.truncate_after(loop.step);
   log::info("resumed from " + dir + " at step " + std::to_string(loop.step));
 }
@@ -436,6 +522,8 @@ TrainSummary Trainer::run() {
   summary.tokens_per_second = s.loop.trained_tokens / std::max(1e-9, s.loop.train_seconds);
   summary.peak_rss_bytes = peak_rss_bytes();
   summary.world_size = s.world_size();
+  if (auto* paged = dynamic_cast<optim::PagedAdamW*>(s.optimizer.get()))
+    summary.optimizer_state_bytes = paged->state_bytes();
   summary.communication_seconds_per_step = s.comm_seconds / std::max<int64_t>(1, s.steps_run);
   summary.wall_seconds = std::chrono::duration<double>(Clock::now() - start).count();
   if (s.main_rank())
@@ -462,6 +550,7 @@ std::string TrainSummary::to_json() const {
   j["skipped_steps"] = skipped_steps;
   j["resumed_from_step"] = resumed_from_step;
   j["world_size"] = world_size;
+  j["optimizer_state_bytes"] = optimizer_state_bytes;
   j["communication_seconds_per_step"] = communication_seconds_per_step;
   auto gens = [](const auto& v) {
     nlohmann::json a = nlohmann::json::array();

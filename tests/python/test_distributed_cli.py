@@ -241,3 +241,48 @@ def test_resume_with_dropout_after_a_short_step_repeats_the_run(tiny, data21, tm
     wa, wb = adapter(a), adapter(b)
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+
+
+def summary(out):
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_zero1_sharded_optimizer_trains_as_the_unsharded_one_with_half_the_state(
+        tiny, data21, tmp_path):
+    """shard_optimizer: each rank keeps the 8-bit state of its half of the LoRA parameters;
+    the run is the unsharded run bit for bit (each parameter's update is the same arithmetic,
+    done by its owner and broadcast)."""
+    runs = {}
+    for shard in (False, True):
+        out = tmp_path / f"shard{int(shard)}"
+        ok(launch(dp_config(tmp_path / f"s{int(shard)}.yaml", tiny, data21, out,
+                            training__micro_batch_size=2, training__optimizer="paged_adamw_8bit",
+                            training__distributed={"shard_optimizer": shard}), 2))
+        runs[shard] = out
+    assert train_losses(runs[True]) == train_losses(runs[False])
+    wa, wb = adapter(runs[True]), adapter(runs[False])
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    full, half = summary(runs[False])["optimizer_state_bytes"], summary(runs[True])["optimizer_state_bytes"]
+    assert 0.3 * full < half < 0.7 * full, (half, full)
+    # The checkpoints hold the whole state either way.
+    sizes = [(runs[s] / "checkpoint-12" / "optimizer.pt").stat().st_size for s in (True, False)]
+    assert sizes[0] == sizes[1]
+
+
+def test_zero1_checkpoint_resumes_with_one_or_two_ranks(tiny, data21, one_rank_big, tmp_path):
+    out = tmp_path / "out"
+    cfg = dp_config(tmp_path / "c.yaml", tiny, data21, out, training__micro_batch_size=2,
+                    training__distributed={"shard_optimizer": True})
+    p = launch(cfg, 2, wait=False)
+    wait_for(out / "checkpoint-4" / "trainer_state.json", p)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 130, err[-3000:]
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    ok(launch(cfg, 2))  # sharded again
+    assert_close_runs(out, one_rank_big)
+    ok(launch(dp_config(tmp_path / "c1.yaml", tiny, data21, copy, training__micro_batch_size=2,
+                        training__gradient_accumulation_steps=2), 0))  # one rank, unsharded
+    assert_close_runs(copy, one_rank_big)

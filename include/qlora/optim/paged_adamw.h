@@ -70,6 +70,16 @@ class PagedAdamW : public torch::optim::Optimizer {
   // right now (paged CPU states report what the page file keeps mapped).
   int64_t state_bytes() const;
 
+  // One parameter's state as plain tensors, for moving it between processes
+  // (ZeRO-1 checkpoints): {step, skipped_elements} as int64 [2], then
+  // exp_avg, exp_avg_sq, and in 8-bit mode absmax1, absmax2; empty when the
+  // parameter has no state yet.
+  std::vector<at::Tensor> export_param_state(const at::Tensor& p) const;
+  // Installs such a state for `p` (in plain memory until its first update).
+  void import_param_state(const at::Tensor& p, const std::vector<at::Tensor>& state);
+  // Forgets `p`'s state (a parameter another rank updates).
+  void drop_param_state(const at::Tensor& p);
+
  private:
   void update(at::Tensor& p, const PagedAdamWOptions& options);
   PagedAdamWParamState& state_for(const at::Tensor& p, const PagedAdamWOptions& options);

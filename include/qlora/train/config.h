@@ -76,6 +76,10 @@ struct TrainConfig {
       // run: the limit on how long a dead or hung peer can stall the others.
       double timeout_seconds = 1800;
       double bucket_mb = 4;  // gradient bucket size for the overlapped all-reduce
+      // ZeRO-1: each rank keeps the optimizer state of its share of the LoRA
+      // parameters only, updates those and broadcasts them; checkpoints still
+      // hold the whole state (gathered to rank 0), so any rank count resumes.
+      bool shard_optimizer = false;
     } distributed;
   } training;
   struct Generation {

@@ -23,7 +23,8 @@ struct TrainSummary {
   double wall_seconds = 0;
   int64_t steps = 0, skipped_steps = 0;
   int64_t resumed_from_step = 0;
-  int64_t world_size = 1;  // data-parallel ranks
+  int64_t world_size = 1;             // data-parallel ranks
+  int64_t optimizer_state_bytes = 0;  // this rank's (ZeRO-1 shards it)
   // Rank 0's time per step in the gradient all-reduce after backward (what
   // the overlap with backward did not hide) and the loss all-reduce.
   double communication_seconds_per_step = 0;
