@@ -534,6 +534,19 @@ llm = llama_cpp.Llama(model_path=sys.argv[1], vocab_only=True, verbose=False)
 texts = json.loads(open(sys.argv[2]).read())
 print(json.dumps([llm.tokenize(t.encode(), add_bos=False, special=False) for t in texts]))
 """
+
+
+def llama_cpp_tokenize(gguf_path, tmp_path):
+    """llama.cpp's token ids of PRE_TEXTS with the vocabulary of `gguf_path` (its own
+    interpreter; skips where llama.cpp dies with SIGILL)."""
+    texts = tmp_path / "texts.json"
+    texts.write_text(json.dumps(PRE_TEXTS))
+    p = subprocess.run([sys.executable, "-c", LLAMA_CPP_TOKENIZE, str(gguf_path), str(texts)],
+                       capture_output=True, text=True, timeout=600)
+    if p.returncode in (-4, 132):
+        pytest.skip("llama.cpp cannot run on this CPU (SIGILL)")
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
 PRE_TEXTS = ["Hello world", "it's 2024: 12345 apples, 7 pears", "  leading spaces\nand\r\nnewlines",
              "numbers1234567890 mixed w1th l3tters", "tabs\tand    runs   of  spaces!!", "ümlaut café"]
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"
@@ -573,14 +586,7 @@ def test_pre_tokenizer_is_named_so_llama_cpp_tokenises_like_hf(tiny, tmp_path, k
     out = tmp_path / f"{kind}.gguf"
     run("merged", tiny["dir"], d, out, "f32")
     assert field_value(gguf.GGUFReader(out), "tokenizer.ggml.pre") == kind
-    texts = tmp_path / "texts.json"
-    texts.write_text(json.dumps(PRE_TEXTS))
-    p = subprocess.run([sys.executable, "-c", LLAMA_CPP_TOKENIZE, str(out), str(texts)],
-                       capture_output=True, text=True, timeout=600)
-    if p.returncode in (-4, 132):
-        pytest.skip("llama.cpp cannot run on this CPU (SIGILL)")
-    assert p.returncode == 0, p.stderr[-3000:]
-    theirs = json.loads(p.stdout.strip().splitlines()[-1])
+    theirs = llama_cpp_tokenize(out, tmp_path)
     assert theirs == [tok.encode(t).ids for t in PRE_TEXTS]
 
 
@@ -673,12 +679,5 @@ def test_sentencepiece_tokenizer_is_exported_as_a_llama_vocabulary(tmp_path):
     scores = field_value(reader, "tokenizer.ggml.scores")
     assert scores[:sp.get_piece_size()] == pytest.approx([sp.get_score(i) for i in range(sp.get_piece_size())])
     assert field_value(reader, "tokenizer.ggml.bos_token_id") == 1
-    texts = tmp_path / "texts.json"
-    texts.write_text(json.dumps(PRE_TEXTS))
-    p = subprocess.run([sys.executable, "-c", LLAMA_CPP_TOKENIZE, str(out), str(texts)],
-                       capture_output=True, text=True, timeout=600)
-    if p.returncode in (-4, 132):
-        pytest.skip("llama.cpp cannot run on this CPU (SIGILL)")
-    assert p.returncode == 0, p.stderr[-3000:]
-    theirs = json.loads(p.stdout.strip().splitlines()[-1])
+    theirs = llama_cpp_tokenize(out, tmp_path)
     assert theirs == [sp.encode(t) for t in PRE_TEXTS]
