@@ -48,6 +48,7 @@ struct Trainer::State {
   DataSplits data;
   std::unique_ptr<data::DataLoader> loader;
   std::vector<at::Tensor> params;
+  std::vector<std::string> param_names;  // beside params: for messages
   std::unique_ptr<torch::optim::Optimizer> optimizer;
   std::unique_ptr<LRSchedule> schedule;
   MetricsWriter metrics;
@@ -76,7 +77,6 @@ struct Trainer::State {
   // The stop signal any rank received (all ranks call it at the same points).
   int agreed_stop_signal();
   std::optional<std::string> agreed_resume_dir();
-  std::vector<std::string> trainable_names();
 
   ModelContext& ctx() {
     if (!context) context = ModelContext::load(config);
@@ -118,16 +118,6 @@ void Trainer::State::connect() {
   log::info("data parallel: rank " + std::to_string(world->rank) + " of " +
             std::to_string(world->world_size) + " over " + backend + " (c10d), rendezvous " +
             world->master_addr + ":" + std::to_string(world->master_port));
-}
-
-// Named as build_optimizer() lists them: each trainable tensor once.
-std::vector<std::string> Trainer::State::trainable_names() {
-  std::set<c10::TensorImpl*> seen;
-  std::vector<std::string> names;
-  for (const auto& item : ctx().model->named_parameters())
-    if (item.value().requires_grad() && seen.insert(item.value().unsafeGetTensorImpl()).second)
-      names.push_back(item.key());
-  return names;
 }
 
 // ZeRO-1: parameters go to the least loaded rank in order (the same on every rank).
@@ -283,8 +273,13 @@ void Trainer::State::build_optimizer() {
   const auto& t = config.training;
   // Tied weights appear twice in named_parameters(); an optimizer must see each once.
   std::set<c10::TensorImpl*> seen;
-  for (const auto& p : ctx().model->parameters())
-    if (p.requires_grad() && seen.insert(p.unsafeGetTensorImpl()).second) params.push_back(p);
+  for (const auto& item : ctx().model->named_parameters()) {
+    const at::Tensor& p = item.value();
+    if (p.requires_grad() && seen.insert(p.unsafeGetTensorImpl()).second) {
+      params.push_back(p);
+      param_names.push_back(item.key());
+    }
+  }
   if (t.optimizer == "adamw") {
     optimizer = std::make_unique<torch::optim::AdamW>(
         params, torch::optim::AdamWOptions(t.lr).weight_decay(t.weight_decay));
@@ -489,7 +484,7 @@ TrainSummary Trainer::run() {
     s.resume_from(*resume_dir);
     summary.resumed_from_step = s.loop.step;
   }
-  if (s.comm) dist::check_identical(*s.comm, s.params, s.trainable_names());
+  if (s.comm) dist::check_identical(*s.comm, s.params, s.param_names);
   summary.eval_loss_before = s.evaluate();
   if (s.main_rank()) {
     s.metrics.eval(s.loop.step, summary.eval_loss_before);
