@@ -100,22 +100,34 @@ void dequantize_blockwise_impl(const uint8_t* in, const float* absmax, const flo
   });
 }
 
-at::Tensor dequantize_blockwise_cpu(const at::Tensor& A, const at::Tensor& absmax,
-                                    const at::Tensor& code, int64_t blocksize,
-                                    at::ScalarType dtype) {
-  detail::check_dequantize_blockwise(A, absmax, code, blocksize, dtype);
+void dequantize_blockwise_into(const at::Tensor& A, const at::Tensor& absmax,
+                               const at::Tensor& code, int64_t blocksize, at::Tensor& out) {
   TORCH_CHECK(A.device().is_cpu(), "qlora::dequantize_blockwise (CPU kernel): A must be on CPU");
   const at::Tensor q = A.contiguous();
   const at::Tensor scales = absmax.contiguous();
   const at::Tensor table = code.contiguous();
-  at::Tensor out = at::empty(q.sizes(), q.options().dtype(dtype));
-  dispatch_float_types(dtype, "dequantize_blockwise", [&](auto tag) {
+  dispatch_float_types(out.scalar_type(), "dequantize_blockwise", [&](auto tag) {
     using scalar_t = decltype(tag);
     dequantize_blockwise_impl<scalar_t>(q.const_data_ptr<uint8_t>(), scales.const_data_ptr<float>(),
                                         table.const_data_ptr<float>(), q.numel(), blocksize,
                                         out.mutable_data_ptr<scalar_t>());
   });
+}
+
+at::Tensor dequantize_blockwise_cpu(const at::Tensor& A, const at::Tensor& absmax,
+                                    const at::Tensor& code, int64_t blocksize,
+                                    at::ScalarType dtype) {
+  detail::check_dequantize_blockwise(A, absmax, code, blocksize, dtype);
+  at::Tensor out = at::empty(A.sizes(), A.options().dtype(dtype));
+  dequantize_blockwise_into(A, absmax, code, blocksize, out);
   return out;
+}
+
+void dequantize_blockwise_out_cpu(const at::Tensor& A, const at::Tensor& absmax,
+                                  const at::Tensor& code, int64_t blocksize, at::ScalarType dtype,
+                                  at::Tensor& out) {
+  detail::check_dequantize_blockwise_out(A, absmax, code, blocksize, dtype, out);
+  dequantize_blockwise_into(A, absmax, code, blocksize, out);
 }
 
 }  // namespace
@@ -123,6 +135,7 @@ at::Tensor dequantize_blockwise_cpu(const at::Tensor& A, const at::Tensor& absma
 TORCH_LIBRARY_IMPL(qlora, CPU, m) {
   m.impl("quantize_blockwise", &quantize_blockwise_cpu);
   m.impl("dequantize_blockwise", &dequantize_blockwise_cpu);
+  m.impl("dequantize_blockwise.out", &dequantize_blockwise_out_cpu);
 }
 
 }  // namespace qlora::cpu

@@ -39,32 +39,52 @@ void gemv_4bit_impl(const T* A, int64_t M, int64_t N, int64_t K, const uint8_t* 
   });
 }
 
-at::Tensor gemv_4bit_cpu(const at::Tensor& A, const at::Tensor& B, c10::SymIntArrayRef shapeB,
-                         const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize) {
-  detail::check_gemv_4bit(A, B, shapeB, absmax, code, blocksize);
+void gemv_4bit_into(const at::Tensor& A, const at::Tensor& B, int64_t N, int64_t K,
+                    const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
+                    at::Tensor& out) {
   TORCH_CHECK(A.device().is_cpu(), "qlora::gemv_4bit (CPU kernel): A must be on CPU");
-  const int64_t N = shapeB[0].expect_int();
-  const int64_t K = shapeB[1].expect_int();
   const at::Tensor a = A.contiguous();
   const at::Tensor bytes = B.contiguous().view(at::kByte);
   const at::Tensor scales = absmax.contiguous();
   detail::FourBitTables table{};  // only the values are used to decode
   std::memcpy(table.values, code.contiguous().const_data_ptr<float>(), sizeof(table.values));
-  std::vector<int64_t> out_shape(a.sizes().begin(), a.sizes().end() - 1);
-  out_shape.push_back(N);
-  at::Tensor out = at::empty(out_shape, a.options());
-  if (K == 0) return out.zero_();
+  if (K == 0) {
+    out.zero_();
+    return;
+  }
   dispatch_float_types(a.scalar_type(), "gemv_4bit", [&](auto tag) {
     using scalar_t = decltype(tag);
     gemv_4bit_impl<scalar_t>(a.const_data_ptr<scalar_t>(), a.numel() / K, N, K,
                              bytes.const_data_ptr<uint8_t>(), scales.const_data_ptr<float>(), table,
                              blocksize, out.mutable_data_ptr<scalar_t>());
   });
+}
+
+at::Tensor gemv_4bit_cpu(const at::Tensor& A, const at::Tensor& B, c10::SymIntArrayRef shapeB,
+                         const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize) {
+  detail::check_gemv_4bit(A, B, shapeB, absmax, code, blocksize);
+  const int64_t N = shapeB[0].expect_int();
+  const int64_t K = shapeB[1].expect_int();
+  std::vector<int64_t> out_shape(A.sizes().begin(), A.sizes().end() - 1);
+  out_shape.push_back(N);
+  at::Tensor out = at::empty(out_shape, A.options());
+  gemv_4bit_into(A, B, N, K, absmax, code, blocksize, out);
   return out;
+}
+
+void gemv_4bit_out_cpu(const at::Tensor& A, const at::Tensor& B, c10::SymIntArrayRef shapeB,
+                       const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
+                       at::Tensor& out) {
+  detail::check_gemv_4bit_out(A, B, shapeB, absmax, code, blocksize, out);
+  gemv_4bit_into(A, B, shapeB[0].expect_int(), shapeB[1].expect_int(), absmax, code, blocksize,
+                 out);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(qlora, CPU, m) { m.impl("gemv_4bit", &gemv_4bit_cpu); }
+TORCH_LIBRARY_IMPL(qlora, CPU, m) {
+  m.impl("gemv_4bit", &gemv_4bit_cpu);
+  m.impl("gemv_4bit.out", &gemv_4bit_out_cpu);
+}
 
 }  // namespace qlora::cpu

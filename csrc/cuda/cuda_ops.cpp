@@ -14,43 +14,13 @@
 #include <vector>
 
 #include "cuda/launchers.h"
+#include "cuda/op_utils.h"
 #include "ops/checks.h"
 #include "ops/ggml_checks.h"
 #include "ops/matmul_4bit_composite.h"
 
 namespace qlora::cuda {
 namespace {
-
-Dtype to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return Dtype::kFloat32;
-    case at::kHalf:
-      return Dtype::kFloat16;
-    case at::kBFloat16:
-      return Dtype::kBFloat16;
-    default:
-      TORCH_CHECK(false, "qlora CUDA kernels: unsupported dtype ", t);
-  }
-}
-
-void require_cuda(const char* op, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "qlora::", op, " (CUDA kernel): ", name, " must be a CUDA tensor, got ",
-              t.device());
-}
-
-// Lowest bad block, or INT64_MAX; the device flag is read back once (a sync)
-// so a non-finite input is an error, not silent garbage codes.
-at::Tensor new_bad_block_flag(const at::Tensor& like) {
-  return at::full({1}, std::numeric_limits<int64_t>::max(), like.options().dtype(at::kLong));
-}
-void raise_if_bad(const char* op, const at::Tensor& flag, int64_t blocksize) {
-  const int64_t bad = flag.item<int64_t>();
-  if (bad != std::numeric_limits<int64_t>::max()) detail::fail_non_finite(op, bad, blocksize);
-}
-unsigned long long* flag_ptr(at::Tensor& flag) {
-  return reinterpret_cast<unsigned long long*>(flag.mutable_data_ptr<int64_t>());
-}
 
 std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& A, int64_t blocksize,
                                                       std::string_view quant_type,
@@ -130,44 +100,103 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& A,
   return {out, absmax};
 }
 
-at::Tensor dequantize_blockwise_cuda(const at::Tensor& A, const at::Tensor& absmax,
-                                     const at::Tensor& code, int64_t blocksize,
-                                     at::ScalarType dtype) {
-  detail::check_dequantize_blockwise(A, absmax, code, blocksize, dtype);
+void dequantize_blockwise_into(const at::Tensor& A, const at::Tensor& absmax,
+                               const at::Tensor& code, int64_t blocksize, at::Tensor& out) {
   require_cuda("dequantize_blockwise", A, "A");
   const c10::cuda::CUDAGuard guard(A.device());
   const at::Tensor q = A.contiguous();
   const at::Tensor scales = absmax.contiguous();
   const at::Tensor table = code.contiguous();
-  at::Tensor out = at::empty(q.sizes(), q.options().dtype(dtype));
   C10_CUDA_CHECK(dequantize_blockwise(q.const_data_ptr<uint8_t>(), scales.const_data_ptr<float>(),
                                       table.const_data_ptr<float>(), q.numel(), blocksize,
-                                      out.mutable_data_ptr(), to_dtype(dtype),
+                                      out.mutable_data_ptr(), to_dtype(out.scalar_type()),
                                       at::cuda::getCurrentCUDAStream()));
+}
+
+at::Tensor dequantize_blockwise_cuda(const at::Tensor& A, const at::Tensor& absmax,
+                                     const at::Tensor& code, int64_t blocksize,
+                                     at::ScalarType dtype) {
+  detail::check_dequantize_blockwise(A, absmax, code, blocksize, dtype);
+  at::Tensor out = at::empty(A.sizes(), A.options().dtype(dtype));
+  dequantize_blockwise_into(A, absmax, code, blocksize, out);
   return out;
+}
+
+void dequantize_blockwise_out_cuda(const at::Tensor& A, const at::Tensor& absmax,
+                                   const at::Tensor& code, int64_t blocksize, at::ScalarType dtype,
+                                   at::Tensor& out) {
+  detail::check_dequantize_blockwise_out(A, absmax, code, blocksize, dtype, out);
+  dequantize_blockwise_into(A, absmax, code, blocksize, out);
+}
+
+void gemv_4bit_into(const at::Tensor& A, const at::Tensor& B, int64_t N, int64_t K,
+                    const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
+                    at::Tensor& out) {
+  require_cuda("gemv_4bit", A, "A");
+  const c10::cuda::CUDAGuard guard(A.device());
+  const at::Tensor a = A.contiguous();
+  const at::Tensor bytes = B.contiguous().view(at::kByte);
+  const at::Tensor scales = absmax.contiguous();
+  const at::Tensor table = code.contiguous();
+  if (K == 0) {
+    out.zero_();
+    return;
+  }
+  C10_CUDA_CHECK(gemv_4bit(a.const_data_ptr(), to_dtype(a.scalar_type()), a.numel() / K, N, K,
+                           bytes.const_data_ptr<uint8_t>(), scales.const_data_ptr<float>(),
+                           table.const_data_ptr<float>(), blocksize, out.mutable_data_ptr(),
+                           at::cuda::getCurrentCUDAStream()));
 }
 
 at::Tensor gemv_4bit_cuda(const at::Tensor& A, const at::Tensor& B, c10::SymIntArrayRef shapeB,
                           const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize) {
   detail::check_gemv_4bit(A, B, shapeB, absmax, code, blocksize);
-  require_cuda("gemv_4bit", A, "A");
-  const c10::cuda::CUDAGuard guard(A.device());
   const int64_t N = shapeB[0].expect_int();
-  const int64_t K = shapeB[1].expect_int();
-  const at::Tensor a = A.contiguous();
-  const at::Tensor bytes = B.contiguous().view(at::kByte);
-  const at::Tensor scales = absmax.contiguous();
-  const at::Tensor table = code.contiguous();
-  std::vector<int64_t> out_shape(a.sizes().begin(), a.sizes().end() - 1);
+  std::vector<int64_t> out_shape(A.sizes().begin(), A.sizes().end() - 1);
   out_shape.push_back(N);
-  at::Tensor out = at::empty(out_shape, a.options());
-  const int64_t M = K == 0 ? 0 : a.numel() / K;
-  if (K == 0) return out.zero_();
-  C10_CUDA_CHECK(gemv_4bit(a.const_data_ptr(), to_dtype(a.scalar_type()), M, N, K,
-                           bytes.const_data_ptr<uint8_t>(), scales.const_data_ptr<float>(),
-                           table.const_data_ptr<float>(), blocksize, out.mutable_data_ptr(),
-                           at::cuda::getCurrentCUDAStream()));
+  at::Tensor out = at::empty(out_shape, A.options());
+  gemv_4bit_into(A, B, N, shapeB[1].expect_int(), absmax, code, blocksize, out);
   return out;
+}
+
+void gemv_4bit_out_cuda(const at::Tensor& A, const at::Tensor& B, c10::SymIntArrayRef shapeB,
+                        const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
+                        at::Tensor& out) {
+  detail::check_gemv_4bit_out(A, B, shapeB, absmax, code, blocksize, out);
+  gemv_4bit_into(A, B, shapeB[0].expect_int(), shapeB[1].expect_int(), absmax, code, blocksize,
+                 out);
+}
+
+// Double-quantised statistics with more than one row: one kernel decodes
+// the statistics while dequantising into A's dtype, then cuBLAS. A single
+// row (or float32 statistics) takes matmul_4bit's route (the fused gemv).
+at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& B, c10::SymIntArrayRef shapeB,
+                          const at::Tensor& absmax, int64_t blocksize, std::string_view quant_type,
+                          const std::optional<at::Tensor>& bias,
+                          const std::optional<at::Tensor>& absmax_8bit,
+                          const std::optional<at::Tensor>& absmax_code,
+                          const std::optional<at::Tensor>& absmax_offset) {
+  const bool nested = absmax_8bit.has_value() && absmax_8bit->defined();
+  if (!nested || A.numel() == A.size(-1))
+    return detail::gemm_4bit_composite(A, B, shapeB, absmax, blocksize, quant_type, bias,
+                                       absmax_8bit, absmax_code, absmax_offset);
+  detail::check_gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit,
+                          absmax_code, absmax_offset);
+  require_cuda("gemm_4bit", A, "A");
+  const c10::cuda::CUDAGuard guard(A.device());
+  const int type = static_cast<int>(detail::parse_quant_type("gemm_4bit", quant_type));
+  const int64_t N = shapeB[0].expect_int(), K = shapeB[1].expect_int();
+  const at::Tensor bytes = B.contiguous().view(at::kByte);
+  const at::Tensor q = absmax_8bit->contiguous();
+  const at::Tensor nested_absmax = absmax.contiguous();
+  const at::Tensor code8 = absmax_code->contiguous();
+  at::Tensor W = at::empty({N, K}, A.options());
+  C10_CUDA_CHECK(dequantize_4bit_nested(
+      bytes.const_data_ptr<uint8_t>(), q.const_data_ptr<uint8_t>(),
+      nested_absmax.const_data_ptr<float>(), code8.const_data_ptr<float>(),
+      absmax_offset->const_data_ptr<float>(), N * K, blocksize, type, W.mutable_data_ptr(),
+      to_dtype(A.scalar_type()), at::cuda::getCurrentCUDAStream()));
+  return at::linear(A, W, bias);
 }
 
 at::Tensor hash_dropout_cuda(const at::Tensor& input, double p, int64_t seed) {
@@ -220,7 +249,10 @@ TORCH_LIBRARY_IMPL(qlora, CUDA, m) {
   m.impl("dequantize_4bit.out", &dequantize_4bit_out_cuda);
   m.impl("quantize_blockwise", &quantize_blockwise_cuda);
   m.impl("dequantize_blockwise", &dequantize_blockwise_cuda);
+  m.impl("dequantize_blockwise.out", &dequantize_blockwise_out_cuda);
   m.impl("gemv_4bit", &gemv_4bit_cuda);
+  m.impl("gemv_4bit.out", &gemv_4bit_out_cuda);
+  m.impl("gemm_4bit", &gemm_4bit_cuda);
   // Dequantize into the input dtype + cuBLAS, or the fused gemv for one row.
   m.impl("matmul_4bit", &detail::matmul_4bit_composite);
   m.impl("hash_dropout", &hash_dropout_cuda);

@@ -68,7 +68,50 @@ __global__ void dequantize_4bit_kernel(const uint8_t* __restrict__ packed,
   }
 }
 
+// The nested statistics are decoded per element pair (one byte, one table
+// lookup, one product and one sum): cheaper than a kernel launch and a
+// float32 absmax tensor per call.
+template <typename T>
+__global__ void dequantize_4bit_nested_kernel(const uint8_t* __restrict__ packed,
+                                              const uint8_t* __restrict__ absmax_8bit,
+                                              const float* __restrict__ nested_absmax,
+                                              const float* __restrict__ code8,
+                                              const float* __restrict__ offset, int64_t n,
+                                              int64_t blocksize, int quant_type,
+                                              T* __restrict__ out) {
+  __shared__ float table8[256];
+  for (int i = threadIdx.x; i < 256; i += blockDim.x) table8[i] = code8[i];
+  __syncthreads();
+  const float shift = __ldg(offset);
+  const int64_t nbytes = (n + 1) / 2;
+  const float* values = c_tables[quant_type].values;
+  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < nbytes;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const uint8_t byte = packed[j];
+    const int64_t i = 2 * j;
+    const int64_t block = i / blocksize;
+    const float first = table8[__ldg(absmax_8bit + block)] * __ldg(nested_absmax + block / 256);
+    const float scale = first + shift;
+    out[i] = from_float<T>(values[byte >> 4] * scale);
+    if (i + 1 < n) out[i + 1] = from_float<T>(values[byte & 0x0F] * scale);
+  }
+}
+
 }  // namespace
+
+cudaError_t dequantize_4bit_nested(const uint8_t* packed, const uint8_t* absmax_8bit,
+                                   const float* nested_absmax, const float* code8,
+                                   const float* offset, int64_t n, int64_t blocksize,
+                                   int quant_type, void* out, Dtype dtype, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    dequantize_4bit_nested_kernel<T><<<grid_for((n + 1) / 2), kThreads, 0, stream>>>(
+        packed, absmax_8bit, nested_absmax, code8, offset, n, blocksize, quant_type,
+        static_cast<T*>(out));
+    return cudaGetLastError();
+  });
+}
 
 cudaError_t quantize_4bit(const void* in, Dtype dtype, int64_t n, int64_t blocksize, int quant_type,
                           uint8_t* packed, float* absmax, unsigned long long* bad_block,

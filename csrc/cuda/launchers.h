@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "common/adamw_math.h"
+
 namespace qlora::cuda {
 
 enum class Dtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
@@ -28,6 +30,24 @@ cudaError_t quantize_blockwise(const void* in, Dtype dtype, int64_t n, int64_t b
 cudaError_t dequantize_blockwise(const uint8_t* in, const float* absmax, const float* code,
                                  int64_t n, int64_t blocksize, void* out, Dtype dtype,
                                  cudaStream_t stream);
+
+// dequantize_4bit with double-quantised statistics: block b's scale is
+// code8[absmax_8bit[b]] * nested_absmax[b / 256] + *offset (bitsandbytes'
+// order), computed in the kernel instead of a separate pass.
+cudaError_t dequantize_4bit_nested(const uint8_t* packed, const uint8_t* absmax_8bit,
+                                   const float* nested_absmax, const float* code8,
+                                   const float* offset, int64_t n, int64_t blocksize,
+                                   int quant_type, void* out, Dtype dtype, cudaStream_t stream);
+
+// Fused Adam(W) updates (common/adamw_math.h); p and g of `dtype`.
+cudaError_t optimizer_update_32bit(const void* g, void* p, Dtype dtype, float* m, float* v,
+                                   int64_t n, const detail::AdamWScalars& s, cudaStream_t stream);
+// bad_block as for the quantizers: the lowest block whose new state is inf/NaN.
+cudaError_t optimizer_update_8bit_blockwise(const void* g, void* p, Dtype dtype, uint8_t* q1,
+                                            uint8_t* q2, const float* map1, const float* map2,
+                                            float* absmax1, float* absmax2, int64_t n,
+                                            const detail::AdamWScalars& s,
+                                            unsigned long long* bad_block, cudaStream_t stream);
 
 // out[m, j] = sum_k A[m, k] * dequant(B)[j, k], accumulated in float32.
 cudaError_t gemv_4bit(const void* A, Dtype dtype, int64_t M, int64_t N, int64_t K,

@@ -67,6 +67,29 @@ at::Tensor gemv_4bit_meta(const at::Tensor& A, const at::Tensor& B, c10::SymIntA
   return at::empty_symint(linear_output_shape(A, shapeB[0]), A.options());
 }
 
+void gemv_4bit_out_meta(const at::Tensor& A, const at::Tensor& B, c10::SymIntArrayRef shapeB,
+                        const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
+                        at::Tensor& out) {
+  detail::check_gemv_4bit_out(A, B, shapeB, absmax, code, blocksize, out);
+}
+
+void dequantize_blockwise_out_meta(const at::Tensor& A, const at::Tensor& absmax,
+                                   const at::Tensor& code, int64_t blocksize, at::ScalarType dtype,
+                                   at::Tensor& out) {
+  detail::check_dequantize_blockwise_out(A, absmax, code, blocksize, dtype, out);
+}
+
+at::Tensor gemm_4bit_meta(const at::Tensor& A, const at::Tensor& B, c10::SymIntArrayRef shapeB,
+                          const at::Tensor& absmax, int64_t blocksize, std::string_view quant_type,
+                          const std::optional<at::Tensor>& bias,
+                          const std::optional<at::Tensor>& absmax_8bit,
+                          const std::optional<at::Tensor>& absmax_code,
+                          const std::optional<at::Tensor>& absmax_offset) {
+  detail::check_gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit,
+                          absmax_code, absmax_offset);
+  return at::empty_symint(linear_output_shape(A, shapeB[0]), A.options());
+}
+
 at::Tensor matmul_4bit_meta(const at::Tensor& x, const at::Tensor& B, const at::Tensor& absmax,
                             int64_t blocksize, std::string_view quant_type,
                             c10::SymIntArrayRef shapeB, const std::optional<at::Tensor>& bias) {
@@ -82,7 +105,10 @@ TORCH_LIBRARY_IMPL(qlora, Meta, m) {
   m.impl("dequantize_4bit.out", &dequantize_4bit_out_meta);
   m.impl("quantize_blockwise", &quantize_blockwise_meta);
   m.impl("dequantize_blockwise", &dequantize_blockwise_meta);
+  m.impl("dequantize_blockwise.out", &dequantize_blockwise_out_meta);
   m.impl("gemv_4bit", &gemv_4bit_meta);
+  m.impl("gemv_4bit.out", &gemv_4bit_out_meta);
+  m.impl("gemm_4bit", &gemm_4bit_meta);
   m.impl("matmul_4bit", &matmul_4bit_meta);
 }
 

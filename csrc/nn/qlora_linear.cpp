@@ -1,5 +1,7 @@
 #include "qlora/nn/qlora_linear.h"
 
+#include <ATen/ops/scalar_tensor.h>
+
 #include "qlora/ops.h"
 
 #include "autograd/matmul_4bit_autograd.h"
@@ -45,6 +47,16 @@ at::Tensor QLoRALinearImpl::base_forward(const at::Tensor& x) {
   return frozen_base_matmul(
       x, compute_dtype_,
       [&](const at::Tensor& xc, const std::optional<at::Tensor>& bc) {
+        // Double-quantised statistics go to gemm_4bit as they are stored.
+        if (state_.nested && state_.nested->blocksize == 256 && xc.scalar_type() != at::kDouble) {
+          if (!nested_offset_.defined() || nested_offset_.device() != packed_.device())
+            nested_offset_ = at::scalar_tensor(state_.nested->offset,
+                                               packed_.options().dtype(at::kFloat));
+          return gemm_4bit(xc, packed_, state_.shape,
+                           NestedAbsmax{state_.absmax, state_.nested->absmax,
+                                        state_.nested->code, nested_offset_},
+                           state_.blocksize, state_.quant_type, bc);
+        }
         return matmul_4bit(xc, packed_, state_.float_absmax(), state_.blocksize, state_.quant_type,
                            state_.shape, bc);
       },

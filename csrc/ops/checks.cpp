@@ -1,5 +1,7 @@
 #include "ops/checks.h"
 
+#include <vector>
+
 #include <c10/util/Exception.h>
 
 namespace qlora::detail {
@@ -154,6 +156,96 @@ void check_gemv_4bit(const at::Tensor& A, const at::Tensor& B, c10::SymIntArrayR
   TORCH_CHECK(code.scalar_type() == at::kFloat && code.sym_numel() == 16, "qlora::", op,
               ": code must be the float32 16-entry 4-bit table, got ", code.scalar_type(),
               code.sym_sizes());
+}
+
+namespace {
+// `out` of an .out overload: the shape, dtype and device the functional op
+// would return, contiguous (the kernels write it linearly).
+void check_out(std::string_view op, const at::Tensor& out, c10::SymIntArrayRef shape,
+               at::ScalarType dtype, const at::Tensor& like) {
+  TORCH_CHECK(out.sym_sizes() == shape, "qlora::", op, ".out: out must have shape ", shape,
+              ", got ", out.sym_sizes());
+  TORCH_CHECK(out.scalar_type() == dtype, "qlora::", op, ".out: out must be ", dtype, ", got ",
+              out.scalar_type());
+  check_same_device(op, like, "A", out, "out");
+  TORCH_CHECK(out.is_contiguous(), "qlora::", op, ".out: out must be contiguous");
+}
+}  // namespace
+
+void check_gemv_4bit_out(const at::Tensor& A, const at::Tensor& B, c10::SymIntArrayRef shapeB,
+                         const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
+                         const at::Tensor& out) {
+  check_gemv_4bit(A, B, shapeB, absmax, code, blocksize);
+  std::vector<c10::SymInt> shape(A.sym_sizes().begin(), A.sym_sizes().end() - 1);
+  shape.push_back(shapeB[0]);
+  check_out("gemv_4bit", out, shape, A.scalar_type(), A);
+}
+
+void check_dequantize_blockwise_out(const at::Tensor& A, const at::Tensor& absmax,
+                                    const at::Tensor& code, int64_t blocksize,
+                                    at::ScalarType dtype, const at::Tensor& out) {
+  check_dequantize_blockwise(A, absmax, code, blocksize, dtype);
+  check_out("dequantize_blockwise", out, A.sym_sizes(), dtype, A);
+}
+
+void check_gemm_4bit(const at::Tensor& A, const at::Tensor& B, c10::SymIntArrayRef shapeB,
+                     const at::Tensor& absmax, int64_t blocksize, std::string_view quant_type,
+                     const std::optional<at::Tensor>& bias,
+                     const std::optional<at::Tensor>& absmax_8bit,
+                     const std::optional<at::Tensor>& absmax_code,
+                     const std::optional<at::Tensor>& absmax_offset) {
+  constexpr std::string_view op = "gemm_4bit";
+  parse_quant_type(op, quant_type);
+  check_blocksize(op, blocksize);
+  check_float_dtype(op, "A", A.scalar_type());
+  check_same_device(op, A, "A", B, "B");
+  check_same_device(op, A, "A", absmax, "absmax");
+  TORCH_CHECK(shapeB.size() == 2, "qlora::", op,
+              ": shapeB must be [out_features, in_features], got ", shapeB);
+  const c10::SymInt n = checked_numel(op, shapeB);
+  const c10::SymInt b_bytes = B.sym_numel() * static_cast<int64_t>(B.element_size());
+  TORCH_CHECK(b_bytes == packed_bytes(n), "qlora::", op, ": B holds ", b_bytes,
+              " bytes but shapeB ", shapeB, " needs ", packed_bytes(n));
+  TORCH_CHECK(A.dim() >= 1 && A.sym_size(-1) == shapeB[1], "qlora::", op, ": A's last dimension (",
+              A.dim() ? A.sym_size(-1) : c10::SymInt(0),
+              ") must equal in_features shapeB[1] = ", shapeB[1]);
+  TORCH_CHECK(absmax.scalar_type() == at::kFloat, "qlora::", op, ": absmax must be float32, got ",
+              absmax.scalar_type());
+  const c10::SymInt blocks = num_blocks(n, blocksize);
+  if (absmax_8bit.has_value() && absmax_8bit->defined()) {
+    const at::Tensor& q = *absmax_8bit;
+    TORCH_CHECK(q.dim() == 1 && q.scalar_type() == at::kByte, "qlora::", op,
+                ": absmax_8bit must be a 1-D uint8 tensor, got ", q.scalar_type(), q.sym_sizes());
+    check_same_device(op, A, "A", q, "absmax_8bit");
+    TORCH_CHECK(q.sym_numel() == blocks, "qlora::", op, ": absmax_8bit has ", q.sym_numel(),
+                " elements but shapeB ", shapeB, " in blocks of ", blocksize, " needs ", blocks);
+    TORCH_CHECK(absmax.sym_numel() == num_blocks(blocks, 256), "qlora::", op,
+                ": with absmax_8bit, absmax holds the nested absmax of blocks of 256 statistics: ",
+                num_blocks(blocks, 256), " elements expected, got ", absmax.sym_numel());
+    TORCH_CHECK(absmax_code.has_value() && absmax_code->defined(), "qlora::", op,
+                ": absmax_code is required with absmax_8bit");
+    const at::Tensor& c = *absmax_code;
+    TORCH_CHECK(c.dim() == 1 && c.scalar_type() == at::kFloat && c.sym_numel() == 256, "qlora::",
+                op, ": absmax_code must be a float32 tensor of 256 values, got ", c.scalar_type(),
+                c.sym_sizes());
+    check_same_device(op, A, "A", c, "absmax_code");
+    TORCH_CHECK(absmax_offset.has_value() && absmax_offset->defined(), "qlora::", op,
+                ": absmax_offset is required with absmax_8bit");
+    const at::Tensor& o = *absmax_offset;
+    TORCH_CHECK(o.dim() == 0 && o.scalar_type() == at::kFloat, "qlora::", op,
+                ": absmax_offset must be a 0-dim float32 tensor, got ", o.scalar_type(),
+                o.sym_sizes());
+  } else {
+    TORCH_CHECK(absmax.sym_numel() == blocks, "qlora::", op, ": absmax has ", absmax.sym_numel(),
+                " elements but shapeB ", shapeB, " in blocks of ", blocksize, " needs ", blocks);
+  }
+  if (bias.has_value() && bias->defined()) {
+    check_same_device(op, A, "A", *bias, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->sym_size(0) == shapeB[0], "qlora::", op,
+                ": bias must have shape [", shapeB[0], "], got ", bias->sym_sizes());
+    TORCH_CHECK(bias->scalar_type() == A.scalar_type(), "qlora::", op, ": bias dtype (",
+                bias->scalar_type(), ") must match A's (", A.scalar_type(), ")");
+  }
 }
 
 void check_matmul_4bit(const at::Tensor& x, const at::Tensor& B, const at::Tensor& absmax,

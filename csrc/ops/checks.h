@@ -41,6 +41,21 @@ void check_dequantize_blockwise(const at::Tensor& A, const at::Tensor& absmax,
                                 const at::Tensor& code, int64_t blocksize, at::ScalarType dtype);
 void check_gemv_4bit(const at::Tensor& A, const at::Tensor& B, c10::SymIntArrayRef shapeB,
                      const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize);
+void check_gemv_4bit_out(const at::Tensor& A, const at::Tensor& B, c10::SymIntArrayRef shapeB,
+                         const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
+                         const at::Tensor& out);
+void check_dequantize_blockwise_out(const at::Tensor& A, const at::Tensor& absmax,
+                                    const at::Tensor& code, int64_t blocksize,
+                                    at::ScalarType dtype, const at::Tensor& out);
+// gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias?, absmax_8bit?,
+// absmax_code?, absmax_offset?): with absmax_8bit the statistics are double
+// quantised (absmax then holds the nested absmax, one per 256 blocks).
+void check_gemm_4bit(const at::Tensor& A, const at::Tensor& B, c10::SymIntArrayRef shapeB,
+                     const at::Tensor& absmax, int64_t blocksize, std::string_view quant_type,
+                     const std::optional<at::Tensor>& bias,
+                     const std::optional<at::Tensor>& absmax_8bit,
+                     const std::optional<at::Tensor>& absmax_code,
+                     const std::optional<at::Tensor>& absmax_offset);
 void check_matmul_4bit(const at::Tensor& x, const at::Tensor& B, const at::Tensor& absmax,
                        int64_t blocksize, std::string_view quant_type, c10::SymIntArrayRef shapeB,
                        const std::optional<at::Tensor>& bias);

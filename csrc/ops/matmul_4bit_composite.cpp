@@ -4,6 +4,7 @@
 // its own kernels.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/linear.h>
+#include <torch/library.h>
 
 #include "ops/checks.h"
 #include "ops/code_tables.h"
@@ -38,6 +39,30 @@ at::Tensor dequantize_weight_as(const at::Tensor& B, const at::Tensor& absmax, i
   return dequantize_4bit_symint(B, absmax, blocksize, quant_type, shapeB, dtype);
 }
 
+at::Tensor nested_float_absmax(const at::Tensor& absmax_8bit, const at::Tensor& nested_absmax,
+                               const at::Tensor& absmax_code, const at::Tensor& absmax_offset) {
+  return dequantize_blockwise(absmax_8bit, nested_absmax, absmax_code, 256, at::kFloat)
+      .add_(absmax_offset);
+}
+
+at::Tensor gemm_4bit_composite(const at::Tensor& A, const at::Tensor& B,
+                               c10::SymIntArrayRef shapeB, const at::Tensor& absmax,
+                               int64_t blocksize, std::string_view quant_type,
+                               const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& absmax_8bit,
+                               const std::optional<at::Tensor>& absmax_code,
+                               const std::optional<at::Tensor>& absmax_offset) {
+  check_gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code,
+                  absmax_offset);
+  const bool nested = absmax_8bit.has_value() && absmax_8bit->defined();
+  const at::Tensor scales =
+      nested ? nested_float_absmax(*absmax_8bit, absmax, *absmax_code, *absmax_offset) : absmax;
+  return matmul_4bit(A, B, scales, blocksize, quant_type, C10_AS_INTARRAYREF_SLOW(shapeB), bias);
+}
+
 }  // namespace detail
+
+// The CPU's gemm_4bit: the statistics pass reads 1/64 of what the GEMM reads.
+TORCH_LIBRARY_IMPL(qlora, CPU, m) { m.impl("gemm_4bit", &detail::gemm_4bit_composite); }
 
 }  // namespace qlora

@@ -21,4 +21,19 @@ at::Tensor dequantize_weight_as(const at::Tensor& B, const at::Tensor& absmax, i
                                 std::string_view quant_type, c10::SymIntArrayRef shapeB,
                                 at::ScalarType dtype);
 
+// First-level absmax of double-quantised statistics, in bitsandbytes'
+// order: dequantize_blockwise(absmax_8bit, nested_absmax, code, 256) + offset.
+at::Tensor nested_float_absmax(const at::Tensor& absmax_8bit, const at::Tensor& nested_absmax,
+                               const at::Tensor& absmax_code, const at::Tensor& absmax_offset);
+
+// The device-generic gemm_4bit (the CPU kernel; CUDA's fuses the nested
+// statistics into its dequantisation): float absmax, then matmul_4bit.
+at::Tensor gemm_4bit_composite(const at::Tensor& A, const at::Tensor& B,
+                               c10::SymIntArrayRef shapeB, const at::Tensor& absmax,
+                               int64_t blocksize, std::string_view quant_type,
+                               const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& absmax_8bit,
+                               const std::optional<at::Tensor>& absmax_code,
+                               const std::optional<at::Tensor>& absmax_offset);
+
 }  // namespace qlora::detail

@@ -80,6 +80,79 @@ at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
   return op.call(x, packed, absmax, blocksize, quant_type, c10::fromIntArrayRefSlow(shape), bias);
 }
 
+void gemv_4bit_out(at::Tensor& out, const at::Tensor& A, const at::Tensor& B,
+                   at::IntArrayRef shapeB, const at::Tensor& absmax, const at::Tensor& code,
+                   int64_t blocksize) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("qlora::gemv_4bit", "out")
+                       .typed<void(const at::Tensor&, const at::Tensor&, c10::SymIntArrayRef,
+                                   const at::Tensor&, const at::Tensor&, int64_t, at::Tensor&)>();
+  op.call(A, B, c10::fromIntArrayRefSlow(shapeB), absmax, code, blocksize, out);
+}
+
+void dequantize_blockwise_out(at::Tensor& out, const at::Tensor& A, const at::Tensor& absmax,
+                              const at::Tensor& code, int64_t blocksize, at::ScalarType dtype) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("qlora::dequantize_blockwise", "out")
+                       .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   int64_t, at::ScalarType, at::Tensor&)>();
+  op.call(A, absmax, code, blocksize, dtype, out);
+}
+
+namespace {
+at::Tensor call_gemm_4bit(const at::Tensor& A, const at::Tensor& B, at::IntArrayRef shapeB,
+                          const at::Tensor& absmax, int64_t blocksize, std::string_view quant_type,
+                          const std::optional<at::Tensor>& bias,
+                          const std::optional<at::Tensor>& absmax_8bit,
+                          const std::optional<at::Tensor>& absmax_code,
+                          const std::optional<at::Tensor>& absmax_offset) {
+  using Opt = const std::optional<at::Tensor>&;
+  static auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymIntArrayRef,
+                                        const at::Tensor&, int64_t, std::string_view, Opt, Opt,
+                                        Opt, Opt)>("qlora::gemm_4bit");
+  return op.call(A, B, c10::fromIntArrayRefSlow(shapeB), absmax, blocksize, quant_type, bias,
+                 absmax_8bit, absmax_code, absmax_offset);
+}
+}  // namespace
+
+at::Tensor gemm_4bit(const at::Tensor& A, const at::Tensor& B, at::IntArrayRef shapeB,
+                     const at::Tensor& absmax, int64_t blocksize, std::string_view quant_type,
+                     const std::optional<at::Tensor>& bias) {
+  return call_gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias, std::nullopt,
+                        std::nullopt, std::nullopt);
+}
+
+at::Tensor gemm_4bit(const at::Tensor& A, const at::Tensor& B, at::IntArrayRef shapeB,
+                     const NestedAbsmax& nested, int64_t blocksize, std::string_view quant_type,
+                     const std::optional<at::Tensor>& bias) {
+  return call_gemm_4bit(A, B, shapeB, nested.nested_absmax, blocksize, quant_type, bias,
+                        nested.absmax_8bit, nested.code, nested.offset);
+}
+
+void optimizer_update_32bit(at::Tensor& g, at::Tensor& p, at::Tensor& exp_avg,
+                            at::Tensor& exp_avg_sq, const AdamStepArgs& a) {
+  using Opt = const std::optional<at::Tensor>&;
+  static auto op = op_handle<void(std::string_view, at::Tensor&, at::Tensor&, at::Tensor&, Opt,
+                                  Opt, double, double, double, double, double, double, double,
+                                  double, int64_t, double, double, bool)>(
+      "qlora::optimizer_update_32bit");
+  op.call("adam", g, p, exp_avg, exp_avg_sq, std::nullopt, 0.0, 0.0, a.beta1, a.beta2, 0.0, 0.0,
+          a.eps, a.weight_decay, a.step, a.lr, a.gnorm_scale, a.skip_zeros);
+}
+
+void optimizer_update_8bit_blockwise(at::Tensor& g, at::Tensor& p, at::Tensor& state1,
+                                     at::Tensor& state2, at::Tensor& qmap1, at::Tensor& qmap2,
+                                     at::Tensor& absmax1, at::Tensor& absmax2,
+                                     const AdamStepArgs& a) {
+  using Opt = const std::optional<at::Tensor>&;
+  static auto op = op_handle<void(std::string_view, at::Tensor&, at::Tensor&, at::Tensor&, Opt,
+                                  double, double, double, double, double, int64_t, double,
+                                  at::Tensor&, Opt, at::Tensor&, Opt, double, double, bool)>(
+      "qlora::optimizer_update_8bit_blockwise");
+  op.call("adam", g, p, state1, state2, a.beta1, a.beta2, 0.0, 0.0, a.eps, a.step, a.lr, qmap1,
+          qmap2, absmax1, absmax2, a.weight_decay, a.gnorm_scale, a.skip_zeros);
+}
+
 at::Tensor hash_dropout(const at::Tensor& input, double p, int64_t seed) {
   static auto op = op_handle<at::Tensor(const at::Tensor&, double, int64_t)>("qlora::hash_dropout");
   return op.call(input, p, seed);

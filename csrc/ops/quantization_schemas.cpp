@@ -18,8 +18,20 @@ TORCH_LIBRARY(qlora, m) {
       "dequantize_blockwise(Tensor A, Tensor absmax, Tensor code, int blocksize, ScalarType dtype) "
       "-> Tensor");
   m.def(
+      "dequantize_blockwise.out(Tensor A, Tensor absmax, Tensor code, int blocksize, ScalarType "
+      "dtype, Tensor! out) -> ()");
+  m.def(
       "gemv_4bit(Tensor A, Tensor B, SymInt[] shapeB, Tensor absmax, Tensor code, int blocksize) "
       "-> Tensor");
+  m.def(
+      "gemv_4bit.out(Tensor A, Tensor B, SymInt[] shapeB, Tensor absmax, Tensor code, int "
+      "blocksize, Tensor! out) -> ()");
+  // The 4-bit GEMM that reads double-quantised statistics directly (absmax
+  // then holds the nested absmax of blocks of 256 first-level statistics).
+  m.def(
+      "gemm_4bit(Tensor A, Tensor B, SymInt[] shapeB, Tensor absmax, int blocksize, str "
+      "quant_type, Tensor? bias=None, Tensor? absmax_8bit=None, Tensor? absmax_code=None, "
+      "Tensor? absmax_offset=None) -> Tensor");
   m.def(
       "matmul_4bit(Tensor x, Tensor B, Tensor absmax, int blocksize, str quant_type, SymInt[] "
       "shapeB, Tensor? bias=None) -> Tensor");

@@ -1,11 +1,14 @@
 #include "qlora/optim/paged_adamw.h"
 
 #include <ATen/ops/isfinite.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/where.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/serialize/archive.h>
 
 #include <cmath>
 
+#include "common/adamw_math.h"
 #include "optim/state_storage.h"
 #include "qlora/ops.h"
 #include "qlora/quant_state.h"
@@ -23,6 +26,7 @@ void PagedAdamWOptions::serialize(torch::serialize::OutputArchive& archive) cons
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(block_size);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(page_dir);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(resident_budget_bytes);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(fused);
 }
 
 void PagedAdamWOptions::serialize(torch::serialize::InputArchive& archive) {
@@ -36,6 +40,9 @@ void PagedAdamWOptions::serialize(torch::serialize::InputArchive& archive) {
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, block_size);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, page_dir);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, resident_budget_bytes);
+  // Checkpoints written before the fused kernels existed have no "fused".
+  torch::IValue fused_value;
+  if (archive.try_read("fused", fused_value)) fused(fused_value.toBool());
 }
 
 void PagedAdamWParamState::serialize(torch::serialize::OutputArchive& archive) const {
@@ -118,10 +125,52 @@ PagedAdamWParamState& PagedAdamW::state_for(const at::Tensor& p, const PagedAdam
   return st;
 }
 
-// One parameter: exactly torch::optim::AdamW's arithmetic on float32 moments
-// (dequantised from, and re-quantised to, 8 bits in 8-bit mode). Gradient
-// elements that are inf/NaN leave that element's parameter and moments as
-// they were.
+namespace {
+
+// The unfused update: a chain of separate elementwise ops, each rounding
+// once to float32 (no alpha / addcmul / addcdiv forms, which ATen computes
+// with or without FMA depending on the CPU), so it is the same arithmetic
+// as the fused kernels (common/adamw_math.h) and their reference in tests.
+// The square root is taken in float64 and rounded: ATen's float32 sqrt
+// (MKL's vector math) is not always correctly rounded, a float64 root
+// within an ulp is, once rounded to float32.
+void unfused_adamw(at::Tensor& p, at::Tensor grad, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
+                   const detail::AdamWScalars& s) {
+  const at::Tensor finite = at::isfinite(grad);
+  const bool all_finite = finite.all().item<bool>();
+  at::Tensor p_before, m_before, v_before;
+  if (!all_finite) {
+    grad = at::where(finite, grad, at::zeros_like(grad));
+    p_before = p.detach().clone();
+    m_before = exp_avg.clone();
+    v_before = exp_avg_sq.clone();
+  }
+  const at::Tensor g = grad.to(at::kFloat);
+  at::Tensor pf = p.detach().to(at::kFloat);
+  if (s.apply_decay) pf.mul_(static_cast<double>(s.decay));
+  exp_avg.mul_(static_cast<double>(s.beta1)).add_(g.mul(static_cast<double>(s.one_minus_beta1)));
+  exp_avg_sq.mul_(static_cast<double>(s.beta2))
+      .add_(g.mul(g).mul_(static_cast<double>(s.one_minus_beta2)));
+  const at::Tensor denom = exp_avg_sq.to(at::kDouble)
+                               .sqrt_()
+                               .to(at::kFloat)
+                               .div_(at::scalar_tensor(s.sqrt_correction2, g.options()))
+                               .add_(at::scalar_tensor(s.eps, g.options()));
+  pf.add_(exp_avg.div(denom).mul_(static_cast<double>(s.neg_step_size)));
+  p.detach().copy_(pf);
+  if (!all_finite) {
+    p.detach().copy_(at::where(finite, p.detach(), p_before));
+    exp_avg.copy_(at::where(finite, exp_avg, m_before));
+    exp_avg_sq.copy_(at::where(finite, exp_avg_sq, v_before));
+  }
+}
+
+}  // namespace
+
+// One parameter: Adam with decoupled weight decay on float32 moments (8-bit
+// blockwise in 8-bit mode), by one fused op per parameter, or the unfused op
+// chain. Gradient elements that are inf/NaN leave that element's parameter
+// and moments as they were.
 void PagedAdamW::update(at::Tensor& p, const PagedAdamWOptions& o) {
   at::Tensor grad = p.grad();
   TORCH_CHECK(!grad.is_sparse(), "PagedAdamW does not support sparse gradients");
@@ -130,53 +179,50 @@ void PagedAdamW::update(at::Tensor& p, const PagedAdamWOptions& o) {
   for (const at::Tensor* t : {&st.exp_avg(), &st.exp_avg_sq(), &st.absmax1(), &st.absmax2()})
     if (t->defined()) storage_->before_use(*t);
 
-  at::Tensor finite;
-  if (!at::isfinite(grad).all().item<bool>()) {
-    finite = at::isfinite(grad);
-    st.skipped_elements(st.skipped_elements() + grad.numel() - finite.sum().item<int64_t>());
-    grad = at::where(finite, grad, at::zeros_like(grad));
-  }
+  if (!at::isfinite(grad).all().item<bool>())
+    st.skipped_elements(st.skipped_elements() + grad.numel() -
+                        at::isfinite(grad).sum().item<int64_t>());
   if (eight_bit && (!signed_map_.defined() || signed_map_.device() != p.device())) {
     signed_map_ = dynamic_map(true).to(p.device());
     unsigned_map_ = dynamic_map(false).to(p.device());
   }
-  at::Tensor exp_avg = eight_bit ? dequantize_blockwise(st.exp_avg(), st.absmax1(), signed_map_,
-                                                        o.block_size(), at::kFloat)
-                                 : st.exp_avg();
-  at::Tensor exp_avg_sq = eight_bit
-                              ? dequantize_blockwise(st.exp_avg_sq(), st.absmax2(), unsigned_map_,
-                                                     o.block_size(), at::kFloat)
-                              : st.exp_avg_sq();
-  at::Tensor p_before, m_before, v_before;
-  if (finite.defined()) {
-    p_before = p.detach().clone();
-    m_before = exp_avg.clone();
-    v_before = exp_avg_sq.clone();
-  }
-
   at::NoGradGuard no_grad;
-  if (o.weight_decay() != 0) p.mul_(1 - o.lr() * o.weight_decay());
   st.step(st.step() + 1);
   const auto [beta1, beta2] = o.betas();
-  const double bias_correction1 = 1 - std::pow(beta1, st.step());
-  const double bias_correction2 = 1 - std::pow(beta2, st.step());
-  exp_avg.mul_(beta1).add_(grad, 1 - beta1);
-  exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2);
-  const at::Tensor denom = (exp_avg_sq.sqrt() / std::sqrt(bias_correction2)).add_(o.eps());
-  p.addcdiv_(exp_avg, denom, -o.lr() / bias_correction1);
-
-  if (finite.defined()) {
-    p.copy_(at::where(finite, p, p_before));
-    exp_avg.copy_(at::where(finite, exp_avg, m_before));
-    exp_avg_sq.copy_(at::where(finite, exp_avg_sq, v_before));
-  }
-  if (eight_bit) {
-    auto [q1, a1] = quantize_blockwise(exp_avg, signed_map_, o.block_size());
-    auto [q2, a2] = quantize_blockwise(exp_avg_sq, unsigned_map_, o.block_size());
-    st.exp_avg().copy_(q1);
-    st.absmax1().copy_(a1);
-    st.exp_avg_sq().copy_(q2);
-    st.absmax2().copy_(a2);
+  if (o.fused()) {
+    AdamStepArgs args;
+    args.lr = o.lr();
+    args.beta1 = beta1;
+    args.beta2 = beta2;
+    args.eps = o.eps();
+    args.weight_decay = o.weight_decay();
+    args.step = st.step();
+    at::Tensor g = grad.contiguous();
+    at::Tensor param = p.detach();
+    TORCH_CHECK(param.is_contiguous(), "PagedAdamW: parameters must be contiguous");
+    if (eight_bit)
+      optimizer_update_8bit_blockwise(g, param, st.exp_avg(), st.exp_avg_sq(), signed_map_,
+                                      unsigned_map_, st.absmax1(), st.absmax2(), args);
+    else
+      optimizer_update_32bit(g, param, st.exp_avg(), st.exp_avg_sq(), args);
+  } else {
+    const auto s = detail::make_adamw_scalars(beta1, beta2, o.eps(), o.weight_decay(), st.step(),
+                                              o.lr(), 1.0, false);
+    at::Tensor m = eight_bit ? dequantize_blockwise(st.exp_avg(), st.absmax1(), signed_map_,
+                                                    o.block_size(), at::kFloat)
+                             : st.exp_avg();
+    at::Tensor v = eight_bit ? dequantize_blockwise(st.exp_avg_sq(), st.absmax2(),
+                                                    unsigned_map_, o.block_size(), at::kFloat)
+                             : st.exp_avg_sq();
+    unfused_adamw(p, grad, m, v, s);
+    if (eight_bit) {
+      auto [q1, a1] = quantize_blockwise(m, signed_map_, o.block_size());
+      auto [q2, a2] = quantize_blockwise(v, unsigned_map_, o.block_size());
+      st.exp_avg().copy_(q1);
+      st.absmax1().copy_(a1);
+      st.exp_avg_sq().copy_(q2);
+      st.absmax2().copy_(a2);
+    }
   }
   for (const at::Tensor* t : {&st.exp_avg(), &st.exp_avg_sq(), &st.absmax1(), &st.absmax2()})
     if (t->defined()) storage_->after_use(*t);

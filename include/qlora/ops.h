@@ -47,6 +47,52 @@ at::Tensor dequantize_blockwise(const at::Tensor& A, const at::Tensor& absmax,
 at::Tensor gemv_4bit(const at::Tensor& A, const at::Tensor& B, at::IntArrayRef shapeB,
                      const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize);
 
+// gemv_4bit into a preallocated `out` of A's dtype and shape [..., shapeB[0]].
+void gemv_4bit_out(at::Tensor& out, const at::Tensor& A, const at::Tensor& B,
+                   at::IntArrayRef shapeB, const at::Tensor& absmax, const at::Tensor& code,
+                   int64_t blocksize);
+
+// dequantize_blockwise into a preallocated contiguous `out` of A's shape.
+void dequantize_blockwise_out(at::Tensor& out, const at::Tensor& A, const at::Tensor& absmax,
+                              const at::Tensor& code, int64_t blocksize, at::ScalarType dtype);
+
+// Double-quantised statistics of a 4-bit weight, as gemm_4bit takes them:
+// the 8-bit codes of each block's absmax, the nested absmax (one per 256
+// blocks), the 256-entry code and the offset (a 0-dim float32 tensor).
+struct NestedAbsmax {
+  at::Tensor absmax_8bit, nested_absmax, code, offset;
+};
+
+// A @ dequant(B)^T + bias, bitsandbytes' gemm_4bit: with `nested` the block
+// statistics are read double-quantised (CUDA fuses undoing that into the
+// dequantisation). Differentiable w.r.t. A and bias. Without `nested`,
+// `absmax` is the float32 per-block absmax.
+at::Tensor gemm_4bit(const at::Tensor& A, const at::Tensor& B, at::IntArrayRef shapeB,
+                     const at::Tensor& absmax, int64_t blocksize, std::string_view quant_type,
+                     const std::optional<at::Tensor>& bias = std::nullopt);
+at::Tensor gemm_4bit(const at::Tensor& A, const at::Tensor& B, at::IntArrayRef shapeB,
+                     const NestedAbsmax& nested, int64_t blocksize, std::string_view quant_type,
+                     const std::optional<at::Tensor>& bias = std::nullopt);
+
+// Fused Adam(W) updates in place of p and its states, bitsandbytes' ops
+// (optimizer_name "adam" or "adamw": decoupled weight decay). Gradient
+// elements that are inf/NaN (or 0 with skip_zeros) leave their parameter and
+// state elements unchanged. 32-bit: float32 states exp_avg, exp_avg_sq.
+struct AdamStepArgs {
+  double lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0;
+  int64_t step = 1;  // counts from 1 (bias correction)
+  double gnorm_scale = 1;
+  bool skip_zeros = false;
+};
+void optimizer_update_32bit(at::Tensor& g, at::Tensor& p, at::Tensor& exp_avg,
+                            at::Tensor& exp_avg_sq, const AdamStepArgs& args);
+// 8-bit blockwise: uint8 codes in blocks of 256 against the signed (qmap1)
+// and unsigned (qmap2) dynamic maps, with their float32 absmax per block.
+void optimizer_update_8bit_blockwise(at::Tensor& g, at::Tensor& p, at::Tensor& state1,
+                                     at::Tensor& state2, at::Tensor& qmap1, at::Tensor& qmap2,
+                                     at::Tensor& absmax1, at::Tensor& absmax2,
+                                     const AdamStepArgs& args);
+
 // x @ dequant(W)^T + bias, differentiable w.r.t. x and bias (W is frozen).
 // `shape` is W's logical [out, in] shape; absmax is float32 (dequantize
 // double-quantized statistics first, see QuantState::float_absmax()).

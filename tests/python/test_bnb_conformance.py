@@ -231,3 +231,167 @@ def test_malformed_checkpoint_is_a_clear_error(tmp_path):
     assert res.returncode == 1
     assert "w.absmax" in res.stderr and "float32" in res.stderr
     assert not (tmp_path / "out.safetensors").exists()
+
+
+# ---- the rest of bitsandbytes' op surface: gemm_4bit, the .out overloads,
+# ---- the fused optimizer updates (bitsandbytes' CPU kernels as the oracle)
+
+def _nested_stats(quant_type, dtype, out_f=96, in_f=640, blocksize=64):
+    torch.manual_seed(7)
+    w = (torch.randn(out_f, in_f) * 0.03).to(dtype)
+    packed, qs = bnb_quantize(w, blocksize, quant_type, compress_statistics=True)
+    return w, packed, qs
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 7])
+def test_gemm_4bit_with_double_quantised_statistics_matches_bnb(quant_type, dtype, rows):
+    w, packed, qs = _nested_stats(quant_type, dtype)
+    x = torch.randn(rows, w.shape[1]).to(dtype)
+    bias = torch.randn(w.shape[0]).to(dtype)
+    offset = qs.offset.reshape(()).to(torch.float32)
+    args = (x, packed, list(w.shape), qs.state2.absmax, qs.blocksize, quant_type, bias,
+            qs.absmax, qs.state2.code, offset)
+    ref = torch.ops.bitsandbytes.gemm_4bit(*args)
+    got = torch.ops.qlora.gemm_4bit(*args)
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    # Same dequantised weight (the statistics decode bit for bit); the GEMMs
+    # differ only in summation order.
+    full_absmax = F.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
+    w_ref = torch.ops.bitsandbytes.dequantize_4bit(packed, full_absmax, qs.blocksize, quant_type,
+                                                   list(w.shape), dtype)
+    w_ours = torch.ops.qlora.dequantize_4bit(packed, full_absmax, qs.blocksize, quant_type,
+                                             list(w.shape), dtype)
+    assert torch.equal(w_ours, w_ref)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol)
+    # ... and equals our matmul_4bit on the undone statistics exactly.
+    same = torch.ops.qlora.matmul_4bit(x, packed, full_absmax, qs.blocksize, quant_type,
+                                       list(w.shape), bias)
+    assert torch.equal(got, same)
+
+
+def test_gemm_4bit_with_float_statistics_matches_bnb():
+    torch.manual_seed(8)
+    w = torch.randn(64, 256) * 0.05
+    packed, qs = bnb_quantize(w, 64, "nf4")
+    x = torch.randn(5, 256)
+    ref = torch.ops.bitsandbytes.gemm_4bit(x, packed, [64, 256], qs.absmax, 64, "nf4")
+    got = torch.ops.qlora.gemm_4bit(x, packed, [64, 256], qs.absmax, 64, "nf4")
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gemm_4bit_is_differentiable_in_A_and_bias_like_matmul_4bit():
+    w, packed, qs = _nested_stats("nf4", torch.float32)
+    offset = qs.offset.reshape(()).to(torch.float32)
+    full_absmax = F.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
+    x1 = torch.randn(3, 4, w.shape[1], requires_grad=True)
+    b1 = torch.randn(w.shape[0], requires_grad=True)
+    x2, b2 = x1.detach().clone().requires_grad_(), b1.detach().clone().requires_grad_()
+    y1 = torch.ops.qlora.gemm_4bit(x1, packed, list(w.shape), qs.state2.absmax, 64, "nf4", b1,
+                                   qs.absmax, qs.state2.code, offset)
+    y2 = torch.ops.qlora.matmul_4bit(x2, packed, full_absmax, 64, "nf4", list(w.shape), b2)
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    assert torch.equal(x1.grad, x2.grad) and torch.equal(b1.grad, b2.grad)
+
+
+def test_gemm_4bit_bad_statistics_are_clear_errors():
+    w, packed, qs = _nested_stats("nf4", torch.float32)
+    x = torch.randn(2, w.shape[1])
+    with pytest.raises(RuntimeError, match="absmax_code is required"):
+        torch.ops.qlora.gemm_4bit(x, packed, list(w.shape), qs.state2.absmax, 64, "nf4", None,
+                                  qs.absmax)
+    with pytest.raises(RuntimeError, match="absmax_8bit has"):
+        torch.ops.qlora.gemm_4bit(x, packed, list(w.shape), qs.state2.absmax, 64, "nf4", None,
+                                  qs.absmax[:-1], qs.state2.code, qs.offset.reshape(()).float())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_out_overloads_match_bnb(dtype):
+    torch.manual_seed(9)
+    code = create_dynamic_map(signed=True)
+    x = torch.randn(1000)
+    q, absmax = torch.ops.qlora.quantize_blockwise(x, code, 256)
+    out = torch.empty(1000, dtype=dtype)
+    torch.ops.qlora.dequantize_blockwise.out(q, absmax, code, 256, dtype, out)
+    # (bitsandbytes registers its .out overloads for CUDA only: its functional op is the oracle)
+    ref = torch.ops.bitsandbytes.dequantize_blockwise(q, absmax, code, 256, dtype)
+    assert torch.equal(out, ref)
+    w = torch.randn(48, 128) * 0.05
+    packed, qs = bnb_quantize(w, 64, "nf4")
+    a = torch.randn(1, 128).to(dtype)
+    got = torch.empty(1, 48, dtype=dtype)
+    torch.ops.qlora.gemv_4bit.out(a, packed, [48, 128], qs.absmax, qs.code, 64, got)
+    assert torch.equal(got, torch.ops.qlora.gemv_4bit(a, packed, [48, 128], qs.absmax, qs.code, 64))
+    ref = torch.ops.bitsandbytes.gemv_4bit(a, packed, [48, 128], qs.absmax, qs.code, 64)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol)
+    with pytest.raises(RuntimeError, match="out must have shape"):
+        torch.ops.qlora.gemv_4bit.out(a, packed, [48, 128], qs.absmax, qs.code, 64,
+                                      torch.empty(2, 48, dtype=dtype))
+
+
+def _adam_case(n, seed, steps=4):
+    torch.manual_seed(seed)
+    p = torch.randn(n)
+    grads = [torch.randn(n) * 0.1 for _ in range(steps)]
+    return p, grads
+
+
+ADAM = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, lr=1e-3)
+
+
+def test_optimizer_update_32bit_tracks_bnb():
+    p, grads = _adam_case(5000, 10)
+    ours, ref = p.clone(), p.clone()
+    s_ours = [torch.zeros(5000), torch.zeros(5000)]
+    s_ref = [torch.zeros(5000), torch.zeros(5000)]
+    for step, g in enumerate(grads, start=1):
+        for op, pp, (m, v) in ((torch.ops.qlora, ours, s_ours), (torch.ops.bitsandbytes, ref, s_ref)):
+            op.optimizer_update_32bit("adam", g.clone(), pp, m, v, None, 0.0, 0.0, ADAM["beta1"],
+                                      ADAM["beta2"], 0.0, 0.0, ADAM["eps"], ADAM["weight_decay"],
+                                      step, ADAM["lr"], 1.0)
+    # Same algorithm, different rounding order (bitsandbytes folds the bias
+    # corrections into eps and the step size).
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(s_ours[0], s_ref[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(s_ours[1], s_ref[1], rtol=1e-5, atol=1e-9)
+
+
+def test_optimizer_update_8bit_blockwise_tracks_bnb():
+    n = 256 * 20 + 77  # a partial last block
+    p, grads = _adam_case(n, 11, steps=30)
+    m1, m2 = create_dynamic_map(signed=True), create_dynamic_map(signed=False)
+    blocks = -(-n // 256)
+    ours, ref = p.clone(), p.clone()
+    st_ours = [torch.zeros(n, dtype=torch.uint8) + 127, torch.zeros(n, dtype=torch.uint8),
+               torch.zeros(blocks), torch.zeros(blocks)]
+    st_ref = [t.clone() for t in st_ours]
+    for step, g in enumerate(grads, start=1):
+        for op, pp, (q1, q2, a1, a2) in ((torch.ops.qlora, ours, st_ours),
+                                         (torch.ops.bitsandbytes, ref, st_ref)):
+            op.optimizer_update_8bit_blockwise("adam", g.clone(), pp, q1, q2, ADAM["beta1"],
+                                               ADAM["beta2"], 0.0, 0.0, ADAM["eps"], step,
+                                               ADAM["lr"], m1, m2, a1, a2, ADAM["weight_decay"],
+                                               1.0)
+    # test_optimizer_bnb.py's stated tolerance: within 2% of how far the
+    # weights moved (the two pick nearest codes by different rules:
+    # bitsandbytes' CPU library by a lookup table).
+    moved = (ref - p).abs().max().item()
+    assert (ours - ref).abs().max().item() <= 0.02 * moved
+
+
+def test_optimizer_update_rejects_what_it_does_not_do():
+    p = torch.zeros(10)
+    with pytest.raises(RuntimeError, match='optimizer_name "lion" is not supported'):
+        torch.ops.qlora.optimizer_update_32bit("lion", p.clone(), p, p.clone(), p.clone(), None,
+                                               0.0, 0.0, 0.9, 0.99, 0, 0, 1e-8, 0, 1, 1e-3, 1.0)
+    with pytest.raises(RuntimeError, match="max_unorm"):
+        torch.ops.qlora.optimizer_update_32bit("adam", p.clone(), p, p.clone(), p.clone(), None,
+                                               1.0, 0.0, 0.9, 0.99, 0, 0, 1e-8, 0, 1, 1e-3, 1.0)
+    with pytest.raises(RuntimeError, match="step counts from 1"):
+        torch.ops.qlora.optimizer_update_32bit("adam", p.clone(), p, p.clone(), p.clone(), None,
+                                               0.0, 0.0, 0.9, 0.99, 0, 0, 1e-8, 0, 0, 1e-3, 1.0)

@@ -28,6 +28,20 @@ def weight(out_f=48, in_f=128, blocksize=64, quant_type="nf4"):
     return packed, absmax, [out_f, in_f]
 
 
+def qlora_dynamic_map(signed=True):
+    from bitsandbytes.functional import create_dynamic_map
+    return create_dynamic_map(signed=signed)
+
+
+def nested_weight(out_f=48, in_f=128, blocksize=64):
+    """A 4-bit weight with double-quantised statistics, as gemm_4bit takes them."""
+    w = torch.randn(out_f, in_f) * 0.05
+    packed, absmax = qlora.quantize_4bit(w, blocksize, "nf4", torch.uint8)
+    offset = absmax.mean()
+    q8, nested_absmax = qlora.quantize_blockwise(absmax - offset, qlora_dynamic_map(), 256)
+    return packed, q8, nested_absmax, offset.reshape(())
+
+
 def sample_calls():
     torch.manual_seed(0)
     code8 = torch.linspace(-1, 1, 256)
@@ -51,6 +65,25 @@ def sample_calls():
             yield qlora.matmul_4bit.default, (xr, p, am, 64, "nf4", shape, bias)
             yield qlora.matmul_4bit.default, (xr, p, am, 64, "nf4", shape, None)
         yield qlora.hash_dropout.default, (xd.clone().requires_grad_(), 0.25, 1234)
+        yield qlora.dequantize_blockwise.out, (q, a, code8, 256, dtype, torch.empty(3, 200, dtype=dtype))
+        a1 = torch.randn(1, 128).to(dtype)
+        yield qlora.gemv_4bit.out, (a1, p, shape, am, code4, 64, torch.empty(1, 48, dtype=dtype))
+        nested = nested_weight()
+        for rows in [(1, 128), (4, 128)]:
+            xr = torch.randn(*rows).to(dtype).requires_grad_()
+            bias = torch.randn(48).to(dtype).requires_grad_()
+            yield qlora.gemm_4bit.default, (xr, nested[0], shape, nested[2], 64, "nf4", bias,
+                                            nested[1], qlora_dynamic_map(), nested[3])
+            yield qlora.gemm_4bit.default, (xr, p, shape, am, 64, "nf4", None)
+        n = 700
+        pd = torch.randn(n).to(dtype)
+        yield qlora.optimizer_update_32bit.default, (
+            "adam", torch.randn(n).to(dtype), pd.clone(), torch.zeros(n), torch.zeros(n), None,
+            0.0, 0.0, 0.9, 0.999, 0.0, 0.0, 1e-8, 0.01, 1, 1e-3, 1.0)
+        yield qlora.optimizer_update_8bit_blockwise.default, (
+            "adam", torch.randn(n).to(dtype), pd.clone(), torch.zeros(n, dtype=torch.uint8),
+            torch.zeros(n, dtype=torch.uint8), 0.9, 0.999, 0.0, 0.0, 1e-8, 1, 1e-3,
+            qlora_dynamic_map(), qlora_dynamic_map(False), torch.zeros(3), torch.zeros(3), 0.01, 1.0)
 
 
 @pytest.mark.parametrize("call", list(sample_calls()), ids=lambda c: str(c[0]))

@@ -50,6 +50,7 @@ class QLoRALinearImpl : public LoRALayerImpl {
 
   at::Tensor packed_;
   QuantState state_;
+  at::Tensor nested_offset_;  // state_.nested->offset as gemm_4bit takes it, on the weight's device
   at::ScalarType compute_dtype_;
 };
 TORCH_MODULE(QLoRALinear);

@@ -31,6 +31,10 @@ struct PagedAdamWOptions : public torch::optim::OptimizerCloneableOptions<PagedA
   // optimizer state may stay resident (0: evict each state after its update).
   TORCH_ARG(std::string, page_dir) = "";
   TORCH_ARG(int64_t, resident_budget_bytes) = 0;
+  // One fused kernel per parameter (optimizer_update_32bit /
+  // optimizer_update_8bit_blockwise) or the chain of unfused ops: the same
+  // arithmetic, bit for bit; the chain allocates float32 copies of 8-bit states.
+  TORCH_ARG(bool, fused) = true;
 
  public:
   void serialize(torch::serialize::InputArchive& archive) override;

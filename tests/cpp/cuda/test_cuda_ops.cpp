@@ -3,7 +3,9 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include "qlora/code_tables.h"
 #include "qlora/ops.h"
+#include "qlora/optim/paged_adamw.h"
 #include "qlora/quant_state.h"
 #include "test_utils.h"
 
@@ -140,5 +142,108 @@ TEST_F(CudaOps, GgmlDequantizeAndMatmulMatchCpu) {
     yg.sum().backward();
     const at::Tensor w = qlora::ggml_dequantize(blocks, t.name, {N, K}, at::kFloat);
     EXPECT_TRUE(at::allclose(xg.grad().cpu(), torch::ones({7, N}).matmul(w), 1e-4, 1e-3)) << t.name;
+  }
+}
+
+// Double-quantised statistics decoded inside the CUDA dequantisation equal
+// the CPU's separate pass; outputs and gradients as the CPU's.
+TEST_F(CudaOps, Gemm4bitWithNestedStatisticsMatchesCpu) {
+  torch::manual_seed(4);
+  const at::Tensor w = torch::randn({96, 1024}) * 0.03;
+  auto [packed, state] = qlora::quantize_4bit(w, qlora::QuantConfig{64, "nf4", true});
+  ASSERT_TRUE(state.nested.has_value());
+  const at::Tensor offset = at::scalar_tensor(state.nested->offset, at::kFloat);
+  const qlora::NestedAbsmax cpu{state.absmax, state.nested->absmax, state.nested->code, offset};
+  const qlora::NestedAbsmax gpu{state.absmax.cuda(), state.nested->absmax.cuda(),
+                                state.nested->code.cuda(), offset.cuda()};
+  for (auto dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    for (int64_t rows : {1, 17}) {
+      const at::Tensor x = torch::randn({rows, 1024}).to(dtype);
+      const at::Tensor bias = torch::randn({96}).to(dtype);
+      const at::Tensor yc = qlora::gemm_4bit(x, packed, {96, 1024}, cpu, 64, "nf4", bias);
+      const at::Tensor xg = x.cuda().requires_grad_();
+      const at::Tensor yg =
+          qlora::gemm_4bit(xg, packed.cuda(), {96, 1024}, gpu, 64, "nf4", bias.cuda());
+      const double tol = dtype == at::kFloat ? 1e-4 : 3e-2;
+      EXPECT_TRUE(at::allclose(yg.cpu().to(at::kFloat), yc.to(at::kFloat), tol, tol))
+          << dtype << " rows " << rows;
+      yg.to(at::kFloat).sum().backward();
+      const at::Tensor wd = qlora::dequantize_4bit(packed, state).to(at::kFloat);
+      EXPECT_TRUE(at::allclose(xg.grad().cpu().to(at::kFloat),
+                               torch::ones({rows, 96}).matmul(wd), tol, tol))
+          << dtype;
+    }
+  }
+}
+
+TEST_F(CudaOps, OutOverloadsWriteWhatTheFunctionalOpsReturn) {
+  torch::manual_seed(5);
+  const at::Tensor code = qlora::dynamic_map(true).cuda();
+  auto [q, absmax] = qlora::quantize_blockwise(torch::randn({5000}).cuda(), code, 256);
+  at::Tensor out = torch::empty({5000}, torch::dtype(at::kBFloat16).device(torch::kCUDA));
+  qlora::dequantize_blockwise_out(out, q, absmax, code, 256, at::kBFloat16);
+  EXPECT_TRUE(at::equal(out, qlora::dequantize_blockwise(q, absmax, code, 256, at::kBFloat16)));
+  auto [packed, a4] = qlora::quantize_4bit(torch::randn({64, 512}).cuda() * 0.02, 64, "nf4");
+  const at::Tensor code4 = qlora::code_table_4bit("nf4").cuda();
+  const at::Tensor x = torch::randn({1, 512}).cuda();
+  at::Tensor y = torch::empty({1, 64}, x.options());
+  qlora::gemv_4bit_out(y, x, packed, {64, 512}, a4, code4, 64);
+  EXPECT_TRUE(at::equal(y, qlora::gemv_4bit(x, packed, {64, 512}, a4, code4, 64)));
+}
+
+// The fused optimizer kernels run the shared per-element math: CUDA equals
+// the CPU bit for bit, 32- and 8-bit, with a partial block and a NaN.
+TEST_F(CudaOps, FusedOptimizerUpdatesMatchCpuBitForBit) {
+  torch::manual_seed(6);
+  const int64_t n = 256 * 37 + 19;
+  qlora::AdamStepArgs args;
+  args.lr = 2e-3;
+  args.weight_decay = 0.01;
+  for (auto dtype : {at::kFloat, at::kBFloat16}) {
+    at::Tensor pc = torch::randn({n}).to(dtype), pg = pc.cuda();
+    at::Tensor mc = torch::zeros({n}), vc = torch::zeros({n});
+    at::Tensor mg = mc.cuda(), vg = vc.cuda();
+    at::Tensor map1 = qlora::dynamic_map(true), map2 = qlora::dynamic_map(false);
+    at::Tensor map1g = map1.cuda(), map2g = map2.cuda();
+    at::Tensor q1c = torch::full({n}, 127, at::kByte), q2c = torch::zeros({n}, at::kByte);
+    at::Tensor a1c = torch::zeros({(n + 255) / 256}), a2c = torch::zeros({(n + 255) / 256});
+    at::Tensor q1g = q1c.cuda(), q2g = q2c.cuda(), a1g = a1c.cuda(), a2g = a2c.cuda();
+    at::Tensor p8c = pc.clone(), p8g = pg.clone();
+    for (int64_t step = 1; step <= 5; ++step) {
+      at::Tensor g = (torch::randn({n}) * 0.1).to(dtype);
+      if (step == 3) g[100] = std::numeric_limits<float>::quiet_NaN();
+      at::Tensor gg = g.cuda();
+      args.step = step;
+      qlora::optimizer_update_32bit(g, pc, mc, vc, args);
+      qlora::optimizer_update_32bit(gg, pg, mg, vg, args);
+      qlora::optimizer_update_8bit_blockwise(g, p8c, q1c, q2c, map1, map2, a1c, a2c, args);
+      qlora::optimizer_update_8bit_blockwise(gg, p8g, q1g, q2g, map1g, map2g, a1g, a2g, args);
+    }
+    EXPECT_TRUE(at::equal(pg.cpu(), pc)) << dtype;
+    EXPECT_TRUE(at::equal(mg.cpu(), mc) && at::equal(vg.cpu(), vc)) << dtype;
+    EXPECT_TRUE(at::equal(p8g.cpu(), p8c)) << dtype;
+    EXPECT_TRUE(at::equal(q1g.cpu(), q1c) && at::equal(q2g.cpu(), q2c)) << dtype;
+    EXPECT_TRUE(at::equal(a1g.cpu(), a1c) && at::equal(a2g.cpu(), a2c)) << dtype;
+  }
+}
+
+// Paged 8-bit AdamW on the GPU (states in managed memory, prefetched per
+// update) equals the same optimizer on the CPU.
+TEST_F(CudaOps, PagedAdamWOnTheGpuEqualsTheCpu) {
+  for (int64_t bits : {32, 8}) {
+    torch::manual_seed(7);
+    at::Tensor wc = torch::randn({80, 300}).requires_grad_();
+    at::Tensor wg = wc.detach().cuda().requires_grad_();
+    const auto options =
+        qlora::optim::PagedAdamWOptions(1e-3).optim_bits(bits).min_8bit_size(256).paged(true);
+    qlora::optim::PagedAdamW oc({wc}, options), og({wg}, options);
+    for (int s = 0; s < 10; ++s) {
+      const at::Tensor g = torch::randn({80, 300});
+      wc.mutable_grad() = g;
+      wg.mutable_grad() = g.cuda();
+      oc.step();
+      og.step();
+    }
+    EXPECT_TRUE(at::equal(wg.detach().cpu(), wc.detach())) << bits;
   }
 }

@@ -39,14 +39,57 @@ bool all_equal(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& 
   return true;
 }
 
-TEST(PagedAdamW, ThirtyTwoBitEqualsTorchAdamWBitForBit) {
-  auto ours = make_params(0), ref = make_params(0);
+// torch's AdamW rounds with or without FMAs depending on the CPU level ATen
+// picks (add with alpha is an FMA on AVX2/AVX-512, not at the default
+// level); ours rounds every operation on its own, everywhere.
+TEST(PagedAdamW, ThirtyTwoBitTracksTorchAdamWToRounding) {
+  auto ours = make_params(0), ref = make_params(0), start = make_params(0);
   PagedAdamW opt(ours, PagedAdamWOptions(3e-3).weight_decay(0.05).betas({0.8, 0.95}));
   torch::optim::AdamW adamw(ref,
                             torch::optim::AdamWOptions(3e-3).weight_decay(0.05).betas({0.8, 0.95}));
   run(opt, ours, 0, 60);
   run(adamw, ref, 0, 60);
-  EXPECT_TRUE(all_equal(ours, ref));
+  for (size_t i = 0; i < ours.size(); ++i) {
+    EXPECT_GT((ref[i] - start[i]).abs().max().item<double>(), 0.02);
+    EXPECT_LE((ours[i] - ref[i]).abs().max().item<double>(), 2e-6) << i;
+  }
+}
+
+// The fused kernels against the chain of unfused ops: bit for bit, in
+// 32-bit and 8-bit mode, with weight decay, a partial 8-bit block and
+// non-finite gradient elements.
+TEST(PagedAdamW, FusedKernelsEqualTheUnfusedOpsBitForBit) {
+  for (int64_t bits : {32, 8}) {
+    auto fused = make_params(5), unfused = make_params(5);
+    const auto options =
+        PagedAdamWOptions(2e-3).weight_decay(0.01).optim_bits(bits).min_8bit_size(256);
+    PagedAdamW a(fused, options);
+    PagedAdamW b(unfused, PagedAdamWOptions(options).fused(false));
+    for (int64_t s = 0; s < 30; ++s) {
+      for (auto* params : {&fused, &unfused}) {
+        set_grads(*params, s);
+        if (s == 7) {
+          (*params)[0].mutable_grad()[3][3] = std::numeric_limits<float>::quiet_NaN();
+          (*params)[1].mutable_grad()[299] = -std::numeric_limits<float>::infinity();
+        }
+      }
+      a.step();
+      b.step();
+      ASSERT_TRUE(all_equal(fused, unfused)) << bits << "-bit, step " << s;
+    }
+    for (auto& p : fused) {
+      const auto& sa = static_cast<PagedAdamWParamState&>(*a.state().at(p.unsafeGetTensorImpl()));
+      const auto& sb = static_cast<PagedAdamWParamState&>(
+          *b.state().at(unfused[&p - fused.data()].unsafeGetTensorImpl()));
+      EXPECT_TRUE(at::equal(sa.exp_avg(), sb.exp_avg())) << bits;
+      EXPECT_TRUE(at::equal(sa.exp_avg_sq(), sb.exp_avg_sq())) << bits;
+      if (sa.is_8bit()) {
+        EXPECT_TRUE(at::equal(sa.absmax1(), sb.absmax1()));
+        EXPECT_TRUE(at::equal(sa.absmax2(), sb.absmax2()));
+      }
+      EXPECT_EQ(sa.skipped_elements(), sb.skipped_elements());
+    }
+  }
 }
 
 TEST(PagedAdamW, PagedToDiskEqualsInMemoryBitForBit) {
