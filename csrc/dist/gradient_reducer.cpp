@@ -170,7 +170,12 @@ void check_identical(Communicator& comm, const std::vector<at::Tensor>& params,
     if (first_bad < 0 && !at::equal(mine, root)) first_bad = static_cast<int64_t>(i);
   }
   // Every rank learns whether any rank differs, so all fail together.
-  at::Tensor bad = at::full({1}, first_bad >= 0 ? 1 : 0, at::kLong);
+  // (on the parameters' device: NCCL moves CUDA tensors only)
+  at::Tensor bad = at::full({1}, first_bad >= 0 ? 1 : 0,
+                            at::TensorOptions()
+                                .dtype(at::kLong)
+                                .device(params.empty() ? c10::Device(c10::kCPU)
+                                                       : params.front().device()));
   comm.all_reduce_max(bad);
   if (bad.item<int64_t>() == 0) return;
   const std::string name =

@@ -48,8 +48,10 @@ void write_checkpoint_files(const std::string& tmp, const CheckpointParts& parts
     torch::serialize::OutputArchive archive;
     parts.optimizer.save(archive);
     // The CPU generator seeds LoRA dropout: a resumed run draws the masks an
-    // uninterrupted one would.
-    archive.write("rng_state", util::RngState::capture().cpu);
+    // uninterrupted one would. A GPU run keeps its device generator too.
+    const util::RngState rng = util::RngState::capture(parts.device);
+    archive.write("rng_state", rng.cpu);
+    if (rng.device_state.defined()) archive.write("device_rng_state", rng.device_state);
     std::ostringstream bytes;
     archive.save_to(bytes);
     write_text(tmp + "/optimizer.pt", bytes.str());
@@ -108,10 +110,18 @@ LoopState load_checkpoint(const std::string& dir, const CheckpointParts& parts) 
   const auto j = util::read_json_file(dir + kStateFile, "checkpoint state");
   nn::load_peft_adapter(dir + "/adapter", *parts.model);
   torch::serialize::InputArchive archive;
-  archive.load_from(dir + "/optimizer.pt");
+  // States saved on one device resume on another (GPU <-> CPU): map them to
+  // the device training runs on now.
+  archive.load_from(dir + "/optimizer.pt", parts.device);
   parts.optimizer.load(archive);
   util::RngState rng;
   archive.read("rng_state", rng.cpu);
+  rng.cpu = rng.cpu.cpu();
+  at::Tensor device_state;
+  if (parts.device.is_cuda() && archive.try_read("device_rng_state", device_state)) {
+    rng.device = parts.device;
+    rng.device_state = device_state.cpu();
+  }
   rng.restore();
   LoopState s;
   s.step = j.at("step").get<int64_t>();

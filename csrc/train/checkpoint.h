@@ -33,6 +33,7 @@ struct CheckpointParts {
   const std::string& base_model;  // written into adapter_config.json
   torch::optim::Optimizer& optimizer;
   const std::string& config_yaml;
+  c10::Device device = c10::kCPU;  // where training runs: states load onto it
 };
 
 std::string checkpoint_name(int64_t step);

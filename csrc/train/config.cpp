@@ -107,6 +107,7 @@ const std::map<std::string, Field>& fields() {
       QLORA_FIELD("training.log_every", training.log_every),
       QLORA_FIELD("training.max_consecutive_nonfinite", training.max_consecutive_nonfinite),
       QLORA_FIELD("training.threads", training.threads),
+      QLORA_FIELD("training.device", training.device),
       QLORA_FIELD("training.distributed.backend", training.distributed.backend),
       QLORA_FIELD("training.distributed.timeout_seconds", training.distributed.timeout_seconds),
       QLORA_FIELD("training.distributed.bucket_mb", training.distributed.bucket_mb),
@@ -180,7 +181,13 @@ void validate(const TrainConfig& c, const std::string& source) {
          "\"model.base_format\": gguf-native keeps a GGUF file's blocks, but model.path \"" +
              c.model.path + "\" is not a .gguf file (set model.format: gguf if it is one)");
   check_choice(source, "model.compute_dtype", c.model.compute_dtype,
-               {"float32", "bfloat16", "float16"});
+               {"auto", "float32", "bfloat16", "float16"});
+  if (c.training.device != "auto" && c.training.device != "cpu" && c.training.device != "cuda" &&
+      !(c.training.device.rfind("cuda:", 0) == 0 && c.training.device.size() > 5 &&
+        c.training.device.size() <= 9 &&
+        c.training.device.find_first_not_of("0123456789", 5) == std::string::npos))
+    fail(source, "\"training.device\" must be auto, cpu, cuda or cuda:N, got \"" +
+                     c.training.device + "\"");
   check_choice(source, "training.scheduler", c.training.scheduler,
                {"constant", "linear", "cosine"});
   check_choice(source, "training.optimizer", c.training.optimizer,

@@ -13,6 +13,7 @@
 #include "qlora/io/safetensors.h"
 #include "qlora/models/llama_config.h"
 #include "qlora/models/loader.h"
+#include "qlora/train/device.h"
 #include "util/strings.h"
 
 namespace qlora::train {
@@ -66,6 +67,24 @@ int64_t optimizer_state_bytes(int64_t numel, const std::string& optimizer) {
 }
 
 int64_t element_bytes(const std::string& dtype) { return dtype == "float32" ? 4 : 2; }
+
+// The device the run would use; nullopt when its setting cannot be honoured
+// here (a plan for a GPU run drawn up on a machine without one).
+std::optional<c10::Device> planned_device(const TrainConfig& cfg) {
+  try {
+    return resolve_device(cfg.training.device);
+  } catch (const std::invalid_argument&) {
+    return std::nullopt;
+  }
+}
+
+// compute_dtype auto is bfloat16 on a (bf16-capable) GPU: a CUDA run planned
+// without one is assumed to get one.
+std::string planned_compute_dtype(const TrainConfig& cfg, const std::optional<c10::Device>& dev) {
+  if (cfg.model.compute_dtype != "auto") return cfg.model.compute_dtype;
+  if (!dev) return cfg.training.device.rfind("cuda", 0) == 0 ? "bfloat16" : "float32";
+  return resolve_compute_dtype("auto", *dev) == at::kFloat ? "float32" : "bfloat16";
+}
 
 std::string mib(int64_t bytes) {
   char buf[64];
@@ -241,7 +260,8 @@ MemoryPlan plan_memory(const TrainConfig& cfg) {
   // Activations of one micro-batch of max_length tokens per row (the upper
   // bound: padding-free layers see only real tokens).
   const int64_t tokens = cfg.training.micro_batch_size * cfg.data.max_length;
-  const int64_t vbytes = element_bytes(cfg.model.compute_dtype);
+  const std::optional<c10::Device> device = planned_device(cfg);
+  const int64_t vbytes = element_bytes(planned_compute_dtype(cfg, device));
   const ActivationModel am = activation_model(c, lora);
   const int64_t L = c.num_hidden_layers;
   const int64_t head = tokens * h * 4 * 2;  // final hidden state and its gradient
@@ -286,8 +306,16 @@ MemoryPlan plan_memory(const TrainConfig& cfg) {
                 : "no checkpointing (with: " + mib(plan.activation_bytes_with_checkpointing) +
                       ")")},
   };
-  plan.available_bytes = available_ram();
-  plan.device = "CPU RAM (MemAvailable)";
+  if (device && device->is_cuda()) {
+    const auto memory = device_memory(*device);
+    plan.available_bytes = memory ? memory->free_bytes : -1;
+    plan.device = describe_device(*device) + " free memory";
+  } else if (!device) {
+    plan.device = "training.device " + cfg.training.device + " (not available here)";
+  } else {
+    plan.available_bytes = available_ram();
+    plan.device = "CPU RAM (MemAvailable)";
+  }
   return plan;
 }
 

@@ -2,6 +2,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/from_blob.h>
+#include <torch/cuda.h>
 #include <torch/utils.h>
 
 #include <chrono>
@@ -11,17 +12,12 @@
 #include "qlora/data/data_loader.h"
 #include "qlora/models/loader.h"
 #include "qlora/nn/peft_adapter.h"
+#include "qlora/train/device.h"
 #include "train/label_tokens.h"
 #include "util/log.h"
 
 namespace qlora::train {
 namespace {
-
-at::ScalarType dtype_named(const std::string& name) {
-  if (name == "bfloat16") return at::kBFloat16;
-  if (name == "float16") return at::kHalf;
-  return at::kFloat;
-}
 
 // Restores training mode when a scope that evaluates or generates ends.
 struct EvalMode {
@@ -39,6 +35,13 @@ ModelContext ModelContext::load(const TrainConfig& config,
   torch::manual_seed(static_cast<uint64_t>(c.training.seed));
 
   ModelContext ctx;
+  ctx.device = resolve_device(c.training.device);
+  const at::ScalarType compute = resolve_compute_dtype(c.model.compute_dtype, ctx.device);
+  if (ctx.device.is_cuda()) {
+    torch::cuda::manual_seed_all(static_cast<uint64_t>(c.training.seed));
+    log::info("device: " + describe_device(ctx.device) + ", compute " +
+              std::string(c10::toString(compute)));
+  }
   ctx.model_path = c.model.path;
   ctx.tokenizer_source = c.model.tokenizer.empty() ? c.model.path : c.model.tokenizer;
   ctx.prompt_template = data::PromptTemplate::from_name(c.data.template_name);
@@ -50,11 +53,11 @@ ModelContext ModelContext::load(const TrainConfig& config,
   load.format = c.model.format;
   load.device = ctx.device;
   if (c.model.base_format == "gguf-native")
-    load.gguf_native = models::LoadOptions::GgufNativeBase{dtype_named(c.model.compute_dtype)};
+    load.gguf_native = models::LoadOptions::GgufNativeBase{compute};
   else if (c.model.quantize)
     load.quantize = nn::QuantizedBaseConfig{
         QuantConfig{c.model.blocksize, c.model.quant_type, c.model.double_quant},
-        dtype_named(c.model.compute_dtype)};
+        compute};
   models::LoadReport report;
   const auto t0 = std::chrono::steady_clock::now();
   ctx.model = models::load_llama(c.model.path, load, &report);
@@ -97,7 +100,10 @@ std::pair<double, int64_t> ModelContext::evaluate_sums(
   int64_t tokens = 0;
   while (auto b = loader.next()) {
     if (b->input_ids.size(0) == 0) continue;
-    total += model->summed_loss(b->input_ids, b->labels, b->attention_mask).item<double>();
+    total += model
+                 ->summed_loss(b->input_ids.to(device), b->labels.to(device),
+                               b->attention_mask.to(device))
+                 .item<double>();
     tokens += detail::count_label_tokens(b->labels);
   }
   return {total, tokens};

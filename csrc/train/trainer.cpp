@@ -19,6 +19,7 @@
 #include "qlora/nn/hash_dropout.h"
 #include "qlora/nn/peft_adapter.h"
 #include "qlora/optim/paged_adamw.h"
+#include "qlora/train/device.h"
 #include "qlora/train/lr_schedule.h"
 #include "qlora/train/stop_signals.h"
 #include "train/checkpoint.h"
@@ -65,6 +66,10 @@ struct Trainer::State {
   int64_t steps_run = 0;    // optimizer steps this process ran (not resumed ones)
 
   bool main_rank() const { return !comm || comm->rank() == 0; }
+  // NCCL moves CUDA tensors only: small host values (counts, losses,
+  // generator states) travel through the training device and come back.
+  c10::Device comm_device = c10::kCPU;
+  at::Tensor to_comm(const at::Tensor& t) const { return t.to(comm_device); }
   bool sharded() const { return comm && config.training.distributed.shard_optimizer; }
   optim::PagedAdamW& paged() { return dynamic_cast<optim::PagedAdamW&>(*optimizer); }
   void partition_parameters();
@@ -107,8 +112,12 @@ void Trainer::State::connect() {
   const auto world = dist::WorldInfo::from_environment();
   if (!world) return;
   const auto& d = config.training.distributed;
-  const std::string backend =
-      dist::resolve_backend(d.backend, "cpu");  // training.device: the GPU issue
+  // One GPU per local rank: "auto" and "cuda" become cuda:LOCAL_RANK.
+  const c10::Device device = resolve_device(config.training.device);
+  if (device.is_cuda() && (config.training.device == "auto" || config.training.device == "cuda"))
+    config.training.device = "cuda:" + std::to_string(world->local_rank);
+  const std::string backend = dist::resolve_backend(d.backend, device.is_cuda() ? "cuda" : "cpu");
+  if (backend == "nccl") comm_device = resolve_device(config.training.device);
   const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(d.timeout_seconds * 1000));
   comm = dist::Communicator::connect(*world, backend, timeout);
   log::set_worker_rank(world->rank);
@@ -161,16 +170,21 @@ void Trainer::State::gather_optimizer_states() {
         head[2 + 2 * k] = static_cast<int64_t>(state[k].scalar_type());
       }
     }
+    head = to_comm(head);
     comm->broadcast(head, o);
+    head = head.cpu();
     const int64_t n = head[0].item<int64_t>();
     std::vector<at::Tensor> received;
     for (int64_t k = 0; k < n; ++k) {
       at::Tensor t = rank() == o
-                         ? state[k].reshape({-1}).contiguous()
+                         ? to_comm(state[k].reshape({-1}).contiguous())
                          : at::empty({head[1 + 2 * k].item<int64_t>()},
-                                     static_cast<at::ScalarType>(head[2 + 2 * k].item<int64_t>()));
+                                     at::TensorOptions()
+                                         .dtype(static_cast<at::ScalarType>(
+                                             head[2 + 2 * k].item<int64_t>()))
+                                         .device(comm_device));
       comm->broadcast(t, o);
-      received.push_back(t);
+      received.push_back(t.cpu());
     }
     if (rank() == 0 && n > 0) {
       received[1] = received[1].view(params[i].sizes());
@@ -188,7 +202,7 @@ void Trainer::State::drop_foreign_optimizer_states() {
 int Trainer::State::agreed_stop_signal() {
   const int mine = pending_stop_signal();
   if (!comm) return mine;
-  at::Tensor sig = at::full({1}, mine, at::kLong);
+  at::Tensor sig = to_comm(at::full({1}, mine, at::kLong));
   comm->all_reduce_max(sig);
   return static_cast<int>(sig.item<int64_t>());
 }
@@ -203,7 +217,7 @@ std::optional<std::string> Trainer::State::agreed_resume_dir() {
   if (!comm) return dir;
   int64_t step = -1;
   if (dir && config.resume == "auto") step = std::stoll(dir->substr(dir->rfind('-') + 1));
-  at::Tensor t = at::full({1}, step, at::kLong);
+  at::Tensor t = to_comm(at::full({1}, step, at::kLong));
   comm->broadcast(t, 0);
   step = t.item<int64_t>();
   if (config.resume != "auto") return dir;  // none, or the same named folder everywhere
@@ -226,8 +240,9 @@ double Trainer::State::evaluate() {
   if (!comm) return ctx().evaluate(data.eval, config.training.micro_batch_size);
   auto [total, tokens] =
       ctx().evaluate_sums(data.eval, config.training.micro_batch_size, rank(), world_size());
-  at::Tensor sums = at::tensor({total, static_cast<double>(tokens)}, at::kDouble);
+  at::Tensor sums = to_comm(at::tensor({total, static_cast<double>(tokens)}, at::kDouble));
   comm->all_reduce_sum(sums);
+  sums = sums.cpu();
   if (sums[1].item<double>() == 0) return std::nan("");
   return sums[0].item<double>() / sums[1].item<double>();
 }
@@ -329,8 +344,10 @@ bool Trainer::State::train_step() {
   if (comm) {
     // The loss is normalised by the step's label tokens over all ranks, so N
     // ranks of m rows train exactly as one process of N * m rows.
-    at::Tensor counts = at::tensor({label_tokens, tokens, static_cast<int64_t>(window.size())});
+    at::Tensor counts =
+        to_comm(at::tensor({label_tokens, tokens, static_cast<int64_t>(window.size())}));
     comm->all_reduce_sum(counts);
+    counts = counts.cpu();
     label_tokens = counts[0].item<int64_t>();
     tokens = counts[1].item<int64_t>();
     if (counts[2].item<int64_t>() == 0) return false;
@@ -345,28 +362,32 @@ bool Trainer::State::train_step() {
     const data::Batch& b = window[i];
     if (reducer && i + 1 == window.size()) reducer->prepare_for_backward();
     if (b.input_ids.size(0) == 0) continue;  // this rank's share of a short last step
+    const c10::Device dev = ctx().device;
     std::optional<at::Tensor> positions, segments;
     if (config.data.packing) {
-      positions = b.position_ids;
-      segments = b.segment_ids;
+      positions = b.position_ids.to(dev);
+      segments = b.segment_ids.to(dev);
     }
-    const at::Tensor loss =
-        ctx().model->summed_loss(b.input_ids, b.labels, b.attention_mask, positions, segments) /
-        std::max<int64_t>(1, label_tokens);
+    const at::Tensor loss = ctx().model->summed_loss(b.input_ids.to(dev), b.labels.to(dev),
+                                                     b.attention_mask.to(dev), positions,
+                                                     segments) /
+                            std::max<int64_t>(1, label_tokens);
     loss.backward();
     loss_sum += loss.item<double>();
   }
   if (reducer) {
     const auto c0 = Clock::now();
     reducer->finish();  // every rank now holds the summed gradient
-    at::Tensor l = at::full({1}, loss_sum, at::kDouble);
+    at::Tensor l = to_comm(at::full({1}, loss_sum, at::kDouble));
     comm->all_reduce_sum(l);
     loss_sum = l.item<double>();
     // A rank whose share of a short last step was empty drew fewer dropout
     // seeds: rank 0's generator state becomes everyone's again, so the one
     // checkpoint rank 0 writes restores every rank exactly.
     util::RngState rng = util::RngState::capture();
-    comm->broadcast(rng.cpu, 0);
+    at::Tensor state = to_comm(rng.cpu);
+    comm->broadcast(state, 0);
+    rng.cpu = state.cpu();
     rng.restore();
     comm_seconds += std::chrono::duration<double>(Clock::now() - c0).count();
   }
@@ -412,7 +433,7 @@ bool Trainer::State::train_step() {
 }
 
 detail::CheckpointParts Trainer::State::checkpoint_parts(const std::string& config_yaml) {
-  return {ctx().model, ctx().lora, config.model.path, *optimizer, config_yaml};
+  return {ctx().model, ctx().lora, config.model.path, *optimizer, config_yaml, ctx().device};
 }
 
 std::string Trainer::State::save_checkpoint() {
@@ -516,6 +537,8 @@ TrainSummary Trainer::run() {
   summary.skipped_steps = s.loop.skipped_steps;
   summary.tokens_per_second = s.loop.trained_tokens / std::max(1e-9, s.loop.train_seconds);
   summary.peak_rss_bytes = peak_rss_bytes();
+  summary.device = s.ctx().device.str();
+  summary.peak_device_bytes = peak_device_allocated_bytes(s.ctx().device);
   summary.world_size = s.world_size();
   if (auto* paged = dynamic_cast<optim::PagedAdamW*>(s.optimizer.get()))
     summary.optimizer_state_bytes = paged->state_bytes();
@@ -540,6 +563,8 @@ std::string TrainSummary::to_json() const {
   j["eval_loss_after"] = eval_loss_after;
   j["tokens_per_second"] = tokens_per_second;
   j["peak_rss_bytes"] = peak_rss_bytes;
+  j["device"] = device;
+  j["peak_device_bytes"] = peak_device_bytes;
   j["wall_seconds"] = wall_seconds;
   j["steps"] = steps;
   j["skipped_steps"] = skipped_steps;

@@ -232,6 +232,33 @@ def test_config_errors_exit_nonzero_and_write_nothing(tiny, tmp_path):
     assert res.returncode == 1 and "nope.jsonl" in res.stderr
     res = subprocess.run([str(QLORA), "train"], capture_output=True, text=True)
     assert res.returncode != 0 and "config" in res.stderr
+    res = run(write_config(tmp_path / "ok.yaml", tiny, out), "--set", "training.device=tpu", check=False)
+    assert res.returncode == 1 and '"training.device" must be auto, cpu, cuda or cuda:N' in res.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")
+def test_a_cuda_run_without_a_gpu_is_a_clear_error(tiny, tmp_path):
+    out = tmp_path / "never"
+    res = run(write_config(tmp_path / "gpu.yaml", tiny, out), "--set", "training.device=cuda",
+              check=False)
+    assert res.returncode == 1
+    assert "training.device: cuda, but no CUDA device is visible" in res.stderr, res.stderr[-2000:]
+    assert not out.exists()
+
+
+def test_explicit_cpu_device_trains_like_auto_on_a_cpu_machine(tiny, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("auto picks the GPU here")
+    base = dict(training={"max_steps": 3, "micro_batch_size": 4, "gradient_accumulation_steps": 1,
+                          "lr": 5e-3, "optimizer": "paged_adamw_8bit", "save_every": 0,
+                          "threads": 1, "seed": 7})
+    a = tmp_path / "auto"
+    b = tmp_path / "cpu"
+    run(write_config(tmp_path / "a.yaml", tiny, a, **base))
+    run(write_config(tmp_path / "b.yaml", tiny, b, **base), "--set", "training.device=cpu")
+    assert train_losses(a) == train_losses(b)
+    summary = json.loads((b / "summary.json").read_text())
+    assert summary["device"] == "cpu" and summary["peak_device_bytes"] == 0
 
 
 def test_quantize_writes_a_bnb_folder_that_transformers_and_we_load(tiny, tmp_path):

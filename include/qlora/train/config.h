@@ -26,7 +26,8 @@ struct TrainConfig {
     std::string quant_type = "nf4";
     int64_t blocksize = 64;
     bool double_quant = true;
-    std::string compute_dtype = "float32";  // float32 | bfloat16 | float16
+    // auto: bfloat16 on a GPU with bf16 compute (sm_80+), else float32.
+    std::string compute_dtype = "auto";  // auto | float32 | bfloat16 | float16
   } model;
   // The LoRA layers, as keys "lora.<field>" of nn::LoRAConfig (r, alpha,
   // dropout, target_modules, target_regex, exclude_modules, use_rslora,
@@ -68,6 +69,10 @@ struct TrainConfig {
     int64_t log_every = 1;
     int64_t max_consecutive_nonfinite = 5;
     int64_t threads = 0;  // 0: the machine's cores
+    // auto: the first CUDA device when one is visible, else the CPU; the
+    // model, LoRA weights, optimizer state, batches, eval and generation all
+    // live there (include/qlora/train/device.h).
+    std::string device = "auto";  // auto | cpu | cuda | cuda:N
     // Data parallelism (docs/DISTRIBUTED.md): used when a launcher set
     // WORLD_SIZE (qlora train --nproc-per-node N, or torchrun).
     struct Distributed {

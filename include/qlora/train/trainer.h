@@ -20,6 +20,8 @@ struct TrainSummary {
   double eval_loss_before = 0, eval_loss_after = 0;
   double tokens_per_second = 0;  // training tokens (inputs) per second of the training loop
   int64_t peak_rss_bytes = 0;
+  std::string device = "cpu";     // where it trained ("cuda:0")
+  int64_t peak_device_bytes = 0;  // peak of LibTorch's CUDA allocator (0 on the CPU)
   double wall_seconds = 0;
   int64_t steps = 0, skipped_steps = 0;
   int64_t resumed_from_step = 0;

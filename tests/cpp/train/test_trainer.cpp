@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 
 #include "qlora/train/config.h"
+#include "qlora/train/device.h"
 #include "qlora/train/lr_schedule.h"
 #include "reference_loss.h"
 #include "test_utils.h"
@@ -131,3 +132,23 @@ TEST(TrainConfig, MistakesAreClearErrors) {
 }
 
 }  // namespace
+
+TEST(TrainDevice, SettingsResolveOrSayWhatIsMissing) {
+  using qlora::train::resolve_compute_dtype;
+  using qlora::train::resolve_device;
+  EXPECT_EQ(resolve_device("cpu"), c10::Device(c10::kCPU));
+  EXPECT_EQ(resolve_compute_dtype("auto", c10::Device(c10::kCPU)), at::kFloat);
+  EXPECT_EQ(resolve_compute_dtype("bfloat16", c10::Device(c10::kCPU)), at::kBFloat16);
+  qlora::test::expect_error([] { resolve_device("tpu"); }, "auto, cpu, cuda or cuda:N");
+  qlora::test::expect_error([] { resolve_device("cuda:x"); }, "auto, cpu, cuda or cuda:N");
+  qlora::test::expect_error([] { resolve_compute_dtype("fp8", c10::Device(c10::kCPU)); },
+                            "model.compute_dtype must be");
+  if (torch::cuda::is_available()) {
+    EXPECT_EQ(resolve_device("auto"), c10::Device(c10::kCUDA, 0));
+    qlora::test::expect_error([] { resolve_device("cuda:999"); }, "training.device: cuda:999, but only");
+  } else {
+    EXPECT_EQ(resolve_device("auto"), c10::Device(c10::kCPU));
+    qlora::test::expect_error([] { resolve_device("cuda"); }, "training.device: cuda, but ");
+    qlora::test::expect_error([] { resolve_device("cuda:1"); }, "training.device: cuda:1, but ");
+  }
+}
