@@ -39,7 +39,7 @@ class QuantisedRandomWeights : public qlora::models::RandomLlamaWeights {
     auto* lin = dynamic_cast<torch::nn::LinearImpl*>(dense.get());
     TORCH_CHECK(lin, "gpu_train_step: ", name, " is not a Linear");
     return std::make_shared<qlora::nn::QLoRALinearImpl>(lin->weight.detach(), std::nullopt, lora_,
-                                                       base_);
+                                                        base_);
   }
 
  private:

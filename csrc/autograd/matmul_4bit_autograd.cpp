@@ -112,9 +112,9 @@ class Matmul4bitFunction : public torch::autograd::Function<Matmul4bitFunction> 
     const std::vector<c10::SymInt> shapeB = saved_shape(ctx);
     at::Tensor grad_x, grad_bias;
     if (ctx->needs_input_grad(0))
-      grad_x = matmul_4bit_grad_input(grad_out, saved[0], saved[1],
-                                      ctx->saved_data["blocksize"].toInt(),
-                                      ctx->saved_data["quant_type"].toStringRef(), shapeB);
+      grad_x =
+          matmul_4bit_grad_input(grad_out, saved[0], saved[1], ctx->saved_data["blocksize"].toInt(),
+                                 ctx->saved_data["quant_type"].toStringRef(), shapeB);
     // needs_input_grad counts tensor arguments only: x, B, absmax, bias.
     if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3)) {
       grad_bias = grad_out.reshape_symint({-1, shapeB[0]}).sum(0);
@@ -170,8 +170,8 @@ class Gemm4bitFunction : public torch::autograd::Function<Gemm4bitFunction> {
     ctx->saved_data["quant_type"] = std::string(quant_type);
     ctx->saved_data["shapeB"] = c10::IValue(shapeB);
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
-    return gemm_4bit_below_autograd(A, B, shapeB, absmax, blocksize, quant_type, bias,
-                                    absmax_8bit, absmax_code, absmax_offset);
+    return gemm_4bit_below_autograd(A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit,
+                                    absmax_code, absmax_offset);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -184,15 +184,15 @@ class Gemm4bitFunction : public torch::autograd::Function<Gemm4bitFunction> {
       const at::Tensor scales =
           saved[2].defined() ? detail::nested_float_absmax(saved[2], saved[1], saved[3], saved[4])
                              : saved[1];
-      grad_a = matmul_4bit_grad_input(grad_out, saved[0], scales,
-                                      ctx->saved_data["blocksize"].toInt(),
-                                      ctx->saved_data["quant_type"].toStringRef(), shapeB);
+      grad_a =
+          matmul_4bit_grad_input(grad_out, saved[0], scales, ctx->saved_data["blocksize"].toInt(),
+                                 ctx->saved_data["quant_type"].toStringRef(), shapeB);
     }
     // needs_input_grad counts tensor arguments only: A, B, absmax, bias, ...
     if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3))
       grad_bias = grad_out.reshape_symint({-1, shapeB[0]}).sum(0);
-    return {grad_a,    at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), grad_bias, at::Tensor(), at::Tensor(), at::Tensor()};
+    return {grad_a,       at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), grad_bias,    at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 

@@ -19,14 +19,14 @@ namespace qlora::detail {
 struct AdamWScalars {
   float beta1, one_minus_beta1;
   float beta2, one_minus_beta2;
-  float decay;               // 1 - lr * weight_decay
-  float sqrt_correction2;    // sqrt(1 - beta2^step)
+  float decay;             // 1 - lr * weight_decay
+  float sqrt_correction2;  // sqrt(1 - beta2^step)
   float eps;
-  float neg_step_size;       // -lr / (1 - beta1^step)
+  float neg_step_size;  // -lr / (1 - beta1^step)
   float gnorm_scale;
-  bool apply_decay;          // weight_decay != 0
-  bool scale_gradient;       // gnorm_scale != 1
-  bool skip_zeros;           // bitsandbytes' skip_zeros: g == 0 leaves the element alone
+  bool apply_decay;     // weight_decay != 0
+  bool scale_gradient;  // gnorm_scale != 1
+  bool skip_zeros;      // bitsandbytes' skip_zeros: g == 0 leaves the element alone
 };
 
 inline AdamWScalars make_adamw_scalars(double beta1, double beta2, double eps, double weight_decay,
@@ -38,7 +38,8 @@ inline AdamWScalars make_adamw_scalars(double beta1, double beta2, double eps, d
   s.beta2 = static_cast<float>(beta2);
   s.one_minus_beta2 = static_cast<float>(1 - beta2);
   s.decay = static_cast<float>(1 - lr * weight_decay);
-  s.sqrt_correction2 = static_cast<float>(std::sqrt(1 - std::pow(beta2, static_cast<double>(step))));
+  s.sqrt_correction2 =
+      static_cast<float>(std::sqrt(1 - std::pow(beta2, static_cast<double>(step))));
   s.eps = static_cast<float>(eps);
   s.neg_step_size = static_cast<float>(-lr / (1 - std::pow(beta1, static_cast<double>(step))));
   s.gnorm_scale = static_cast<float>(gnorm_scale);
@@ -51,29 +52,33 @@ inline AdamWScalars make_adamw_scalars(double beta1, double beta2, double eps, d
 QLORA_HD bool is_finite_float(float x) { return abs_bits(x) < kNonFiniteBits; }
 
 // One element: returns false (and leaves p, m, v as they were) for a
-// gradient element that is inf/NaN, or zero under skip_zeros.
+// gradient element that is inf/NaN, or zero under skip_zeros. Branch-free
+// (the update is computed, then selected), so the CPU loops vectorise.
 QLORA_HD bool adamw_element(float g, float& p, float& m, float& v, const AdamWScalars& s) {
-  if (!is_finite_float(g) || (s.skip_zeros && g == 0.f)) return false;
-  if (s.scale_gradient) g = g * s.gnorm_scale;
-  if (s.apply_decay) p = p * s.decay;
+  const bool apply = is_finite_float(g) && !(s.skip_zeros && g == 0.f);
+  const float gs = s.scale_gradient ? g * s.gnorm_scale : g;
+  const float pd = s.apply_decay ? p * s.decay : p;
   const float m_decayed = m * s.beta1;
-  const float g_part = g * s.one_minus_beta1;
-  m = m_decayed + g_part;
+  const float g_part = gs * s.one_minus_beta1;
+  const float m_new = m_decayed + g_part;
   const float v_decayed = v * s.beta2;
-  const float g_sq = g * g;
+  const float g_sq = gs * gs;
   const float g_sq_part = g_sq * s.one_minus_beta2;
-  v = v_decayed + g_sq_part;
+  const float v_new = v_decayed + g_sq_part;
 #if defined(__CUDA_ARCH__)
-  const float root = __fsqrt_rn(v);
+  const float root = __fsqrt_rn(v_new);
 #else
-  const float root = std::sqrt(v);
+  const float root = std::sqrt(v_new);
 #endif
   const float scaled_root = root / s.sqrt_correction2;
   const float denom = scaled_root + s.eps;
-  const float ratio = m / denom;
+  const float ratio = m_new / denom;
   const float delta = ratio * s.neg_step_size;
-  p = p + delta;
-  return true;
+  const float p_new = pd + delta;
+  m = apply ? m_new : m;
+  v = apply ? v_new : v;
+  p = apply ? p_new : p;
+  return apply;
 }
 
 // Re-quantisation of one block of 8-bit state (quantize_blockwise's rule):

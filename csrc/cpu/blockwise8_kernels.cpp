@@ -12,6 +12,7 @@
 
 #include "common/quant_math.h"
 #include "cpu/cpu_utils.h"
+#include "cpu/nearest_code.h"
 #include "ops/checks.h"
 
 namespace qlora::cpu {
@@ -33,8 +34,8 @@ std::array<float, 255> boundaries_of(const at::Tensor& code) {
 }
 
 template <typename T>
-void quantize_blockwise_impl(const T* in, int64_t n, int64_t blocksize, const float* bounds,
-                             uint8_t* out, float* absmax) {
+void quantize_blockwise_impl(const T* in, int64_t n, int64_t blocksize,
+                             const NearestCodeTable& codes, uint8_t* out, float* absmax) {
   const int64_t blocks = detail::ceil_div(n, blocksize);
   FirstBadBlock bad;
   at::parallel_for(0, blocks, grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
@@ -55,11 +56,10 @@ void quantize_blockwise_impl(const T* in, int64_t n, int64_t blocksize, const fl
       uint8_t* dst = out + start;
       if (partial) {
         for (int64_t i = 0; i < len; ++i)
-          dst[i] = detail::encode_8bit(detail::normalise_partial(x[i], amax), bounds);
+          dst[i] = codes.encode(detail::normalise_partial(x[i], amax));
       } else {
         const float inv = detail::reciprocal_scale(amax);
-        for (int64_t i = 0; i < len; ++i)
-          dst[i] = detail::encode_8bit(detail::normalise_full(x[i], inv), bounds);
+        for (int64_t i = 0; i < len; ++i) dst[i] = codes.encode(detail::normalise_full(x[i], inv));
       }
     }
   });
@@ -71,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& A,
                                                           int64_t blocksize) {
   detail::check_quantize_blockwise(A, code, blocksize);
   TORCH_CHECK(A.device().is_cpu(), "qlora::quantize_blockwise (CPU kernel): A must be on CPU");
-  const std::array<float, 255> bounds = boundaries_of(code);
+  const auto codes = NearestCodeTable::for_bounds(boundaries_of(code));
   const at::Tensor input = A.contiguous();
   const int64_t n = input.numel();
   at::Tensor out = at::empty(input.sizes(), input.options().dtype(at::kByte));
@@ -79,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& A,
       at::empty({detail::ceil_div(n, blocksize)}, input.options().dtype(at::kFloat));
   dispatch_float_types(input.scalar_type(), "quantize_blockwise", [&](auto tag) {
     using scalar_t = decltype(tag);
-    quantize_blockwise_impl<scalar_t>(input.const_data_ptr<scalar_t>(), n, blocksize, bounds.data(),
+    quantize_blockwise_impl<scalar_t>(input.const_data_ptr<scalar_t>(), n, blocksize, *codes,
                                       out.mutable_data_ptr<uint8_t>(),
                                       absmax.mutable_data_ptr<float>());
   });

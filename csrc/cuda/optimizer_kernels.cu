@@ -31,8 +31,7 @@ __global__ void update_32bit_kernel(const T* __restrict__ g, T* __restrict__ p,
 // Re-quantises the warp's block (x[k] is element lane + 32 k); false when it
 // holds inf/NaN. All lanes take part.
 __device__ bool requantize_warp(const float (&x)[kPerLane], int64_t start, int64_t len,
-                                const float* bounds, uint8_t* codes, float* absmax,
-                                int64_t block) {
+                                const float* bounds, uint8_t* codes, float* absmax, int64_t block) {
   const int lane = threadIdx.x & 31;
   uint32_t bits = 0;
 #pragma unroll
@@ -99,8 +98,8 @@ cudaError_t optimizer_update_32bit(const void* g, void* p, Dtype dtype, float* m
   if (n == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    update_32bit_kernel<T><<<grid_for(n), kThreads, 0, stream>>>(
-        static_cast<const T*>(g), static_cast<T*>(p), m, v, n, s);
+    update_32bit_kernel<T><<<grid_for(n), kThreads, 0, stream>>>(static_cast<const T*>(g),
+                                                                 static_cast<T*>(p), m, v, n, s);
     return cudaGetLastError();
   });
 }
@@ -115,9 +114,9 @@ cudaError_t optimizer_update_8bit_blockwise(const void* g, void* p, Dtype dtype,
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const unsigned grid = static_cast<unsigned>(detail::ceil_div(blocks, kWarpsPerCta));
-    update_8bit_kernel<T><<<grid, kThreads, 0, stream>>>(
-        static_cast<const T*>(g), static_cast<T*>(p), q1, q2, map1, map2, absmax1, absmax2, n, s,
-        bad_block);
+    update_8bit_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(g),
+                                                         static_cast<T*>(p), q1, q2, map1, map2,
+                                                         absmax1, absmax2, n, s, bad_block);
     return cudaGetLastError();
   });
 }

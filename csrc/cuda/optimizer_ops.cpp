@@ -26,8 +26,7 @@ void optimizer_update_32bit_cuda(std::string_view optimizer_name, at::Tensor& g,
                                             skip_zeros);
   at::Tensor v = *state2;
   C10_CUDA_CHECK(optimizer_update_32bit(g.const_data_ptr(), p.mutable_data_ptr(),
-                                        to_dtype(p.scalar_type()),
-                                        state1.mutable_data_ptr<float>(),
+                                        to_dtype(p.scalar_type()), state1.mutable_data_ptr<float>(),
                                         v.mutable_data_ptr<float>(), p.numel(), s,
                                         at::cuda::getCurrentCUDAStream()));
 }
@@ -51,9 +50,8 @@ void optimizer_update_8bit_blockwise_cuda(
   C10_CUDA_CHECK(optimizer_update_8bit_blockwise(
       g.const_data_ptr(), p.mutable_data_ptr(), to_dtype(p.scalar_type()),
       state1.mutable_data_ptr<uint8_t>(), q2.mutable_data_ptr<uint8_t>(),
-      map1.const_data_ptr<float>(), map2.const_data_ptr<float>(),
-      absmax1.mutable_data_ptr<float>(), a2.mutable_data_ptr<float>(), p.numel(), s, flag_ptr(bad),
-      at::cuda::getCurrentCUDAStream()));
+      map1.const_data_ptr<float>(), map2.const_data_ptr<float>(), absmax1.mutable_data_ptr<float>(),
+      a2.mutable_data_ptr<float>(), p.numel(), s, flag_ptr(bad), at::cuda::getCurrentCUDAStream()));
   raise_if_bad("optimizer_update_8bit_blockwise", bad, detail::kOptimizerBlock);
 }
 

@@ -172,10 +172,8 @@ void check_identical(Communicator& comm, const std::vector<at::Tensor>& params,
   // Every rank learns whether any rank differs, so all fail together.
   // (on the parameters' device: NCCL moves CUDA tensors only)
   at::Tensor bad = at::full({1}, first_bad >= 0 ? 1 : 0,
-                            at::TensorOptions()
-                                .dtype(at::kLong)
-                                .device(params.empty() ? c10::Device(c10::kCPU)
-                                                       : params.front().device()));
+                            at::TensorOptions().dtype(at::kLong).device(
+                                params.empty() ? c10::Device(c10::kCPU) : params.front().device()));
   comm.all_reduce_max(bad);
   if (bad.item<int64_t>() == 0) return;
   const std::string name =

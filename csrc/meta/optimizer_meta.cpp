@@ -18,14 +18,11 @@ void optimizer_update_32bit_meta(std::string_view optimizer_name, at::Tensor& g,
                                        step);
 }
 
-void optimizer_update_8bit_blockwise_meta(std::string_view optimizer_name, at::Tensor& g,
-                                          at::Tensor& p, at::Tensor& state1,
-                                          const std::optional<at::Tensor>& state2, double, double,
-                                          double, double, double, int64_t step, double,
-                                          at::Tensor& qmap1, const std::optional<at::Tensor>& qmap2,
-                                          at::Tensor& absmax1,
-                                          const std::optional<at::Tensor>& absmax2, double, double,
-                                          bool) {
+void optimizer_update_8bit_blockwise_meta(
+    std::string_view optimizer_name, at::Tensor& g, at::Tensor& p, at::Tensor& state1,
+    const std::optional<at::Tensor>& state2, double, double, double, double, double, int64_t step,
+    double, at::Tensor& qmap1, const std::optional<at::Tensor>& qmap2, at::Tensor& absmax1,
+    const std::optional<at::Tensor>& absmax2, double, double, bool) {
   detail::check_optimizer_update_8bit_blockwise(optimizer_name, g, p, state1, state2, step, qmap1,
                                                 qmap2, absmax1, absmax2);
 }

@@ -50,11 +50,11 @@ at::Tensor QLoRALinearImpl::base_forward(const at::Tensor& x) {
         // Double-quantised statistics go to gemm_4bit as they are stored.
         if (state_.nested && state_.nested->blocksize == 256 && xc.scalar_type() != at::kDouble) {
           if (!nested_offset_.defined() || nested_offset_.device() != packed_.device())
-            nested_offset_ = at::scalar_tensor(state_.nested->offset,
-                                               packed_.options().dtype(at::kFloat));
+            nested_offset_ =
+                at::scalar_tensor(state_.nested->offset, packed_.options().dtype(at::kFloat));
           return gemm_4bit(xc, packed_, state_.shape,
-                           NestedAbsmax{state_.absmax, state_.nested->absmax,
-                                        state_.nested->code, nested_offset_},
+                           NestedAbsmax{state_.absmax, state_.nested->absmax, state_.nested->code,
+                                        nested_offset_},
                            state_.blocksize, state_.quant_type, bc);
         }
         return matmul_4bit(xc, packed_, state_.float_absmax(), state_.blocksize, state_.quant_type,

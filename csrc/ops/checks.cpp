@@ -182,8 +182,8 @@ void check_gemv_4bit_out(const at::Tensor& A, const at::Tensor& B, c10::SymIntAr
 }
 
 void check_dequantize_blockwise_out(const at::Tensor& A, const at::Tensor& absmax,
-                                    const at::Tensor& code, int64_t blocksize,
-                                    at::ScalarType dtype, const at::Tensor& out) {
+                                    const at::Tensor& code, int64_t blocksize, at::ScalarType dtype,
+                                    const at::Tensor& out) {
   check_dequantize_blockwise(A, absmax, code, blocksize, dtype);
   check_out("dequantize_blockwise", out, A.sym_sizes(), dtype, A);
 }
@@ -225,9 +225,9 @@ void check_gemm_4bit(const at::Tensor& A, const at::Tensor& B, c10::SymIntArrayR
     TORCH_CHECK(absmax_code.has_value() && absmax_code->defined(), "qlora::", op,
                 ": absmax_code is required with absmax_8bit");
     const at::Tensor& c = *absmax_code;
-    TORCH_CHECK(c.dim() == 1 && c.scalar_type() == at::kFloat && c.sym_numel() == 256, "qlora::",
-                op, ": absmax_code must be a float32 tensor of 256 values, got ", c.scalar_type(),
-                c.sym_sizes());
+    TORCH_CHECK(c.dim() == 1 && c.scalar_type() == at::kFloat && c.sym_numel() == 256,
+                "qlora::", op, ": absmax_code must be a float32 tensor of 256 values, got ",
+                c.scalar_type(), c.sym_sizes());
     check_same_device(op, A, "A", c, "absmax_code");
     TORCH_CHECK(absmax_offset.has_value() && absmax_offset->defined(), "qlora::", op,
                 ": absmax_offset is required with absmax_8bit");

@@ -45,8 +45,8 @@ void check_gemv_4bit_out(const at::Tensor& A, const at::Tensor& B, c10::SymIntAr
                          const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
                          const at::Tensor& out);
 void check_dequantize_blockwise_out(const at::Tensor& A, const at::Tensor& absmax,
-                                    const at::Tensor& code, int64_t blocksize,
-                                    at::ScalarType dtype, const at::Tensor& out);
+                                    const at::Tensor& code, int64_t blocksize, at::ScalarType dtype,
+                                    const at::Tensor& out);
 // gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias?, absmax_8bit?,
 // absmax_code?, absmax_offset?): with absmax_8bit the statistics are double
 // quantised (absmax then holds the nested absmax, one per 256 blocks).

@@ -28,10 +28,9 @@ at::Tensor nested_float_absmax(const at::Tensor& absmax_8bit, const at::Tensor& 
 
 // The device-generic gemm_4bit (the CPU kernel; CUDA's fuses the nested
 // statistics into its dequantisation): float absmax, then matmul_4bit.
-at::Tensor gemm_4bit_composite(const at::Tensor& A, const at::Tensor& B,
-                               c10::SymIntArrayRef shapeB, const at::Tensor& absmax,
-                               int64_t blocksize, std::string_view quant_type,
-                               const std::optional<at::Tensor>& bias,
+at::Tensor gemm_4bit_composite(const at::Tensor& A, const at::Tensor& B, c10::SymIntArrayRef shapeB,
+                               const at::Tensor& absmax, int64_t blocksize,
+                               std::string_view quant_type, const std::optional<at::Tensor>& bias,
                                const std::optional<at::Tensor>& absmax_8bit,
                                const std::optional<at::Tensor>& absmax_code,
                                const std::optional<at::Tensor>& absmax_offset);

@@ -94,8 +94,8 @@ void dequantize_blockwise_out(at::Tensor& out, const at::Tensor& A, const at::Te
                               const at::Tensor& code, int64_t blocksize, at::ScalarType dtype) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("qlora::dequantize_blockwise", "out")
-                       .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                   int64_t, at::ScalarType, at::Tensor&)>();
+                       .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                                   at::ScalarType, at::Tensor&)>();
   op.call(A, absmax, code, blocksize, dtype, out);
 }
 
@@ -107,9 +107,10 @@ at::Tensor call_gemm_4bit(const at::Tensor& A, const at::Tensor& B, at::IntArray
                           const std::optional<at::Tensor>& absmax_code,
                           const std::optional<at::Tensor>& absmax_offset) {
   using Opt = const std::optional<at::Tensor>&;
-  static auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymIntArrayRef,
-                                        const at::Tensor&, int64_t, std::string_view, Opt, Opt,
-                                        Opt, Opt)>("qlora::gemm_4bit");
+  static auto op =
+      op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymIntArrayRef,
+                           const at::Tensor&, int64_t, std::string_view, Opt, Opt, Opt, Opt)>(
+          "qlora::gemm_4bit");
   return op.call(A, B, c10::fromIntArrayRefSlow(shapeB), absmax, blocksize, quant_type, bias,
                  absmax_8bit, absmax_code, absmax_offset);
 }
@@ -132,10 +133,9 @@ at::Tensor gemm_4bit(const at::Tensor& A, const at::Tensor& B, at::IntArrayRef s
 void optimizer_update_32bit(at::Tensor& g, at::Tensor& p, at::Tensor& exp_avg,
                             at::Tensor& exp_avg_sq, const AdamStepArgs& a) {
   using Opt = const std::optional<at::Tensor>&;
-  static auto op = op_handle<void(std::string_view, at::Tensor&, at::Tensor&, at::Tensor&, Opt,
-                                  Opt, double, double, double, double, double, double, double,
-                                  double, int64_t, double, double, bool)>(
-      "qlora::optimizer_update_32bit");
+  static auto op = op_handle<void(std::string_view, at::Tensor&, at::Tensor&, at::Tensor&, Opt, Opt,
+                                  double, double, double, double, double, double, double, double,
+                                  int64_t, double, double, bool)>("qlora::optimizer_update_32bit");
   op.call("adam", g, p, exp_avg, exp_avg_sq, std::nullopt, 0.0, 0.0, a.beta1, a.beta2, 0.0, 0.0,
           a.eps, a.weight_decay, a.step, a.lr, a.gnorm_scale, a.skip_zeros);
 }
@@ -145,10 +145,10 @@ void optimizer_update_8bit_blockwise(at::Tensor& g, at::Tensor& p, at::Tensor& s
                                      at::Tensor& absmax1, at::Tensor& absmax2,
                                      const AdamStepArgs& a) {
   using Opt = const std::optional<at::Tensor>&;
-  static auto op = op_handle<void(std::string_view, at::Tensor&, at::Tensor&, at::Tensor&, Opt,
-                                  double, double, double, double, double, int64_t, double,
-                                  at::Tensor&, Opt, at::Tensor&, Opt, double, double, bool)>(
-      "qlora::optimizer_update_8bit_blockwise");
+  static auto op =
+      op_handle<void(std::string_view, at::Tensor&, at::Tensor&, at::Tensor&, Opt, double, double,
+                     double, double, double, int64_t, double, at::Tensor&, Opt, at::Tensor&, Opt,
+                     double, double, bool)>("qlora::optimizer_update_8bit_blockwise");
   op.call("adam", g, p, state1, state2, a.beta1, a.beta2, 0.0, 0.0, a.eps, a.step, a.lr, qmap1,
           qmap2, absmax1, absmax2, a.weight_decay, a.gnorm_scale, a.skip_zeros);
 }

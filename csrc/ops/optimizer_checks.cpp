@@ -33,8 +33,8 @@ void check_param_and_grad(std::string_view op, const at::Tensor& g, const at::Te
 
 void check_state(std::string_view op, const char* name, const at::Tensor& state,
                  const at::Tensor& p, at::ScalarType dtype) {
-  TORCH_CHECK(state.scalar_type() == dtype, "qlora::", op, ": ", name, " must be ", dtype,
-              ", got ", state.scalar_type());
+  TORCH_CHECK(state.scalar_type() == dtype, "qlora::", op, ": ", name, " must be ", dtype, ", got ",
+              state.scalar_type());
   TORCH_CHECK(state.sym_numel() == p.sym_numel(), "qlora::", op, ": ", name, " has ",
               state.sym_numel(), " elements but p has ", p.sym_numel());
   check_same_device(op, p, "p", state, name);
@@ -60,11 +60,13 @@ void check_optimizer_update_32bit(std::string_view optimizer_name, const at::Ten
   (void)unorm_vec;
 }
 
-void check_optimizer_update_8bit_blockwise(
-    std::string_view optimizer_name, const at::Tensor& g, const at::Tensor& p,
-    const at::Tensor& state1, const std::optional<at::Tensor>& state2, int64_t step,
-    const at::Tensor& qmap1, const std::optional<at::Tensor>& qmap2, const at::Tensor& absmax1,
-    const std::optional<at::Tensor>& absmax2) {
+void check_optimizer_update_8bit_blockwise(std::string_view optimizer_name, const at::Tensor& g,
+                                           const at::Tensor& p, const at::Tensor& state1,
+                                           const std::optional<at::Tensor>& state2, int64_t step,
+                                           const at::Tensor& qmap1,
+                                           const std::optional<at::Tensor>& qmap2,
+                                           const at::Tensor& absmax1,
+                                           const std::optional<at::Tensor>& absmax2) {
   constexpr std::string_view op = "optimizer_update_8bit_blockwise";
   check_name(op, optimizer_name);
   check_param_and_grad(op, g, p, step);
@@ -77,13 +79,13 @@ void check_optimizer_update_8bit_blockwise(
                                    const at::Tensor& qmap, const char* a,
                                    const at::Tensor& absmax) {
     check_state(op, s, state, p, at::kByte);
-    TORCH_CHECK(qmap.scalar_type() == at::kFloat && qmap.sym_numel() == 256, "qlora::", op, ": ",
-                q, " must be a float32 tensor of 256 values, got ", qmap.scalar_type(),
+    TORCH_CHECK(qmap.scalar_type() == at::kFloat && qmap.sym_numel() == 256, "qlora::", op, ": ", q,
+                " must be a float32 tensor of 256 values, got ", qmap.scalar_type(),
                 qmap.sym_sizes());
     check_same_device(op, p, "p", qmap, q);
     TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.sym_numel() == blocks, "qlora::", op,
-                ": ", a, " must be float32 with one value per ", kOptimizerBlock,
-                " elements (", blocks, "), got ", absmax.scalar_type(), absmax.sym_sizes());
+                ": ", a, " must be float32 with one value per ", kOptimizerBlock, " elements (",
+                blocks, "), got ", absmax.scalar_type(), absmax.sym_sizes());
     check_same_device(op, p, "p", absmax, a);
   };
   check_quantized("state1", state1, "qmap1", qmap1, "absmax1", absmax1);

@@ -18,10 +18,12 @@ void check_optimizer_update_32bit(std::string_view optimizer_name, const at::Ten
                                   const std::optional<at::Tensor>& unorm_vec, double max_unorm,
                                   int64_t step);
 
-void check_optimizer_update_8bit_blockwise(
-    std::string_view optimizer_name, const at::Tensor& g, const at::Tensor& p,
-    const at::Tensor& state1, const std::optional<at::Tensor>& state2, int64_t step,
-    const at::Tensor& qmap1, const std::optional<at::Tensor>& qmap2, const at::Tensor& absmax1,
-    const std::optional<at::Tensor>& absmax2);
+void check_optimizer_update_8bit_blockwise(std::string_view optimizer_name, const at::Tensor& g,
+                                           const at::Tensor& p, const at::Tensor& state1,
+                                           const std::optional<at::Tensor>& state2, int64_t step,
+                                           const at::Tensor& qmap1,
+                                           const std::optional<at::Tensor>& qmap2,
+                                           const at::Tensor& absmax1,
+                                           const std::optional<at::Tensor>& absmax2);
 
 }  // namespace qlora::detail

@@ -211,8 +211,8 @@ void PagedAdamW::update(at::Tensor& p, const PagedAdamWOptions& o) {
     at::Tensor m = eight_bit ? dequantize_blockwise(st.exp_avg(), st.absmax1(), signed_map_,
                                                     o.block_size(), at::kFloat)
                              : st.exp_avg();
-    at::Tensor v = eight_bit ? dequantize_blockwise(st.exp_avg_sq(), st.absmax2(),
-                                                    unsigned_map_, o.block_size(), at::kFloat)
+    at::Tensor v = eight_bit ? dequantize_blockwise(st.exp_avg_sq(), st.absmax2(), unsigned_map_,
+                                                    o.block_size(), at::kFloat)
                              : st.exp_avg_sq();
     unfused_adamw(p, grad, m, v, s);
     if (eight_bit) {

@@ -6,15 +6,18 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <list>
 #include <map>
 #include <mutex>
+#include <set>
 
 #ifdef QLORA_WITH_CUDA
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 #endif
@@ -36,13 +39,20 @@ class PlainStorage : public StateStorage {
 struct Registry {
   std::mutex mutex;
   std::map<const void*, size_t> sizes;
-  void add(const void* p, size_t n) {
+  std::set<const void*> managed;  // CUDA states in managed memory (prefetched before use)
+  void add(const void* p, size_t n, bool is_managed = false) {
     std::lock_guard<std::mutex> lock(mutex);
     sizes[p] = n;
+    if (is_managed) managed.insert(p);
   }
   void remove(const void* p) {
     std::lock_guard<std::mutex> lock(mutex);
     sizes.erase(p);
+    managed.erase(p);
+  }
+  bool is_managed(const void* p) {
+    std::lock_guard<std::mutex> lock(mutex);
+    return managed.count(p) != 0;
   }
   bool contains(const void* p) {
     std::lock_guard<std::mutex> lock(mutex);
@@ -74,7 +84,7 @@ class PagedStorage : public StateStorage {
 
   void before_use(const at::Tensor& state) override {
 #ifdef QLORA_WITH_CUDA
-    if (state.is_cuda() && owns(state)) {
+    if (state.is_cuda() && registry_->is_managed(state.data_ptr())) {
       const size_t bytes = state.numel() * state.element_size();
       const auto stream = c10::cuda::getCurrentCUDAStream(state.device().index());
 #if CUDART_VERSION >= 13000
@@ -146,19 +156,42 @@ class PagedStorage : public StateStorage {
         at::TensorOptions().dtype(dtype));
   }
 
+  // Managed memory only within what the card has free (less a reserve for
+  // activations): oversubscribed managed memory can hang the GPU, not just
+  // this process. Past that, states live in pinned host memory that the
+  // kernels read over the bus (bitsandbytes' paged optimizer evicts to the
+  // host in the same way, only on demand).
   at::Tensor managed_zeros(at::IntArrayRef sizes, at::ScalarType dtype, c10::Device device,
                            size_t bytes) {
 #ifdef QLORA_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(device);
+    size_t free = 0, total = 0;
+    C10_CUDA_CHECK(cudaMemGetInfo(&free, &total));
+    const size_t reserve = std::max<size_t>(total / 20, size_t{1} << 30);
     void* p = nullptr;
-    C10_CUDA_CHECK(cudaMallocManaged(&p, bytes));
-    C10_CUDA_CHECK(cudaMemset(p, 0, bytes));
-    registry_->add(p, bytes);
+    const bool managed = bytes + reserve <= free;
+    if (managed) {
+      C10_CUDA_CHECK(cudaMallocManaged(&p, bytes));
+      C10_CUDA_CHECK(cudaMemset(p, 0, bytes));
+    } else {
+      C10_CUDA_CHECK(cudaHostAlloc(&p, bytes, cudaHostAllocMapped));
+      std::memset(p, 0, bytes);
+      if (!warned_host_) {
+        warned_host_ = true;
+        TORCH_WARN("PagedAdamW: ", device, " has ", free >> 20,
+                   " MiB free; optimizer states beyond it go to pinned host memory");
+      }
+    }
+    registry_->add(p, bytes, managed);
     auto registry = registry_;
     return at::from_blob(
         p, sizes,
-        [registry](void* ptr) {
+        [registry, managed](void* ptr) {
           registry->remove(ptr);
-          cudaFree(ptr);
+          if (managed)
+            cudaFree(ptr);
+          else
+            cudaFreeHost(ptr);
         },
         at::TensorOptions().dtype(dtype).device(device));
 #else
@@ -173,6 +206,7 @@ class PagedStorage : public StateStorage {
   int fd_ = -1;
   off_t file_size_ = 0;
   std::list<const void*> lru_;
+  bool warned_host_ = false;
   std::map<const void*, size_t> resident_;
 };
 

@@ -111,11 +111,11 @@ std::string describe_device(const c10::Device& device) {
   if (device.is_cuda()) {
     cudaDeviceProp prop{};
     if (cudaGetDeviceProperties(&prop, device.index()) != cudaSuccess) return device.str();
-    char text[256];
-    std::snprintf(text, sizeof(text), "%s (%s, sm_%d%d, %.1f GiB)", prop.name,
-                  device.str().c_str(), prop.major, prop.minor,
+    char size[32];
+    std::snprintf(size, sizeof(size), "%.1f GiB",
                   static_cast<double>(prop.totalGlobalMem) / (1 << 30));
-    return text;
+    return std::string(prop.name) + " (" + device.str() + ", sm_" + std::to_string(prop.major) +
+           std::to_string(prop.minor) + ", " + size + ")";
   }
 #endif
   return device.is_cpu() ? "CPU" : device.str();

@@ -176,13 +176,13 @@ void Trainer::State::gather_optimizer_states() {
     const int64_t n = head[0].item<int64_t>();
     std::vector<at::Tensor> received;
     for (int64_t k = 0; k < n; ++k) {
-      at::Tensor t = rank() == o
-                         ? to_comm(state[k].reshape({-1}).contiguous())
-                         : at::empty({head[1 + 2 * k].item<int64_t>()},
-                                     at::TensorOptions()
-                                         .dtype(static_cast<at::ScalarType>(
-                                             head[2 + 2 * k].item<int64_t>()))
-                                         .device(comm_device));
+      at::Tensor t =
+          rank() == o
+              ? to_comm(state[k].reshape({-1}).contiguous())
+              : at::empty({head[1 + 2 * k].item<int64_t>()},
+                          at::TensorOptions()
+                              .dtype(static_cast<at::ScalarType>(head[2 + 2 * k].item<int64_t>()))
+                              .device(comm_device));
       comm->broadcast(t, o);
       received.push_back(t.cpu());
     }
@@ -368,10 +368,10 @@ bool Trainer::State::train_step() {
       positions = b.position_ids.to(dev);
       segments = b.segment_ids.to(dev);
     }
-    const at::Tensor loss = ctx().model->summed_loss(b.input_ids.to(dev), b.labels.to(dev),
-                                                     b.attention_mask.to(dev), positions,
-                                                     segments) /
-                            std::max<int64_t>(1, label_tokens);
+    const at::Tensor loss =
+        ctx().model->summed_loss(b.input_ids.to(dev), b.labels.to(dev), b.attention_mask.to(dev),
+                                 positions, segments) /
+        std::max<int64_t>(1, label_tokens);
     loss.backward();
     loss_sum += loss.item<double>();
   }

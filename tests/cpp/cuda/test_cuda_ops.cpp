@@ -169,8 +169,8 @@ TEST_F(CudaOps, Gemm4bitWithNestedStatisticsMatchesCpu) {
           << dtype << " rows " << rows;
       yg.to(at::kFloat).sum().backward();
       const at::Tensor wd = qlora::dequantize_4bit(packed, state).to(at::kFloat);
-      EXPECT_TRUE(at::allclose(xg.grad().cpu().to(at::kFloat),
-                               torch::ones({rows, 96}).matmul(wd), tol, tol))
+      EXPECT_TRUE(at::allclose(xg.grad().cpu().to(at::kFloat), torch::ones({rows, 96}).matmul(wd),
+                               tol, tol))
           << dtype;
     }
   }

@@ -1,8 +1,14 @@
 // Unit tests of the 8-bit blockwise ops with the dynamic maps.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
+#include <array>
+#include <cmath>
 #include <tuple>
+#include <vector>
 
+#include "common/quant_math.h"
+#include "cpu/nearest_code.h"
+#include "qlora/code_tables.h"
 #include "qlora/ops.h"
 #include "qlora/quant_state.h"
 #include "test_utils.h"
@@ -87,3 +93,27 @@ TEST(Blockwise8, BadInput) {
 }
 
 }  // namespace
+
+// The table-accelerated nearest-code search of the CPU quantizer gives the
+// binary search's code (the CUDA kernels' rule) for every input that can
+// reach it: the codes, the boundaries and their float neighbours, zeros of
+// both signs, subnormals and random values in [-1, 1].
+TEST(Blockwise8, NearestCodeTableEqualsTheBinarySearch) {
+  for (bool is_signed : {true, false}) {
+    const at::Tensor code = qlora::dynamic_map(is_signed);
+    const float* c = code.const_data_ptr<float>();
+    std::array<float, 255> bounds{};
+    for (int i = 0; i < 255; ++i) bounds[i] = (c[i] + c[i + 1]) / 2.0f;
+    const auto table = qlora::cpu::NearestCodeTable::for_bounds(bounds);
+    std::vector<float> probes = {0.0f, -0.0f, 1e-45f, -1e-45f, 1e-38f, -1e-38f, 1.0f, -1.0f};
+    for (int i = 0; i < 256; ++i) probes.push_back(c[i]);
+    for (float b : bounds)
+      for (float x : {b, std::nextafter(b, -2.0f), std::nextafter(b, 2.0f)}) probes.push_back(x);
+    torch::manual_seed(3);
+    const at::Tensor r = torch::rand({200000}) * 2 - 1;
+    for (int64_t i = 0; i < r.numel(); ++i) probes.push_back(r[i].item<float>());
+    for (float x : probes)
+      ASSERT_EQ(table->encode(x), qlora::detail::encode_8bit(x, bounds.data()))
+          << "x = " << x << (is_signed ? " (signed map)" : " (unsigned map)");
+  }
+}

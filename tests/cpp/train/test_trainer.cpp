@@ -145,7 +145,8 @@ TEST(TrainDevice, SettingsResolveOrSayWhatIsMissing) {
                             "model.compute_dtype must be");
   if (torch::cuda::is_available()) {
     EXPECT_EQ(resolve_device("auto"), c10::Device(c10::kCUDA, 0));
-    qlora::test::expect_error([] { resolve_device("cuda:999"); }, "training.device: cuda:999, but only");
+    qlora::test::expect_error([] { resolve_device("cuda:999"); },
+                              "training.device: cuda:999, but only");
   } else {
     EXPECT_EQ(resolve_device("auto"), c10::Device(c10::kCPU));
     qlora::test::expect_error([] { resolve_device("cuda"); }, "training.device: cuda, but ");
