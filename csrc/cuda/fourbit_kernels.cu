@@ -51,26 +51,34 @@ __global__ void quantize_4bit_kernel(const T* __restrict__ in, int64_t n, int64_
   }
 }
 
-template <typename T>
-__global__ void dequantize_4bit_kernel(const uint8_t* __restrict__ packed,
-                                       const float* __restrict__ absmax, int64_t n,
-                                       int64_t blocksize, int quant_type, T* __restrict__ out) {
+// One packed byte (elements 2j and 2j + 1) per thread; `scale_of(block)`
+// gives the block's absmax. blocksize is even, so a byte's two elements
+// share one block.
+template <typename T, typename ScaleOf>
+__device__ __forceinline__ void dequantize_4bit_bytes(const uint8_t* __restrict__ packed, int64_t n,
+                                                      int64_t blocksize, const float* values,
+                                                      T* __restrict__ out, ScaleOf scale_of) {
   const int64_t nbytes = (n + 1) / 2;
-  const float* values = c_tables[quant_type].values;
   for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < nbytes;
        j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const uint8_t byte = packed[j];
     const int64_t i = 2 * j;
-    // blocksize is even, so both elements of a byte share one block.
-    const float scale = __ldg(absmax + i / blocksize);
+    const float scale = scale_of(i / blocksize);
     out[i] = from_float<T>(values[byte >> 4] * scale);
     if (i + 1 < n) out[i + 1] = from_float<T>(values[byte & 0x0F] * scale);
   }
 }
 
-// The nested statistics are decoded per element pair (one byte, one table
-// lookup, one product and one sum): cheaper than a kernel launch and a
-// float32 absmax tensor per call.
+template <typename T>
+__global__ void dequantize_4bit_kernel(const uint8_t* __restrict__ packed,
+                                       const float* __restrict__ absmax, int64_t n,
+                                       int64_t blocksize, int quant_type, T* __restrict__ out) {
+  dequantize_4bit_bytes(packed, n, blocksize, c_tables[quant_type].values, out,
+                        [&](int64_t block) { return __ldg(absmax + block); });
+}
+
+// The nested statistics are decoded per byte (a table lookup, a product and
+// a sum): cheaper than a kernel launch and a float32 absmax tensor per call.
 template <typename T>
 __global__ void dequantize_4bit_nested_kernel(const uint8_t* __restrict__ packed,
                                               const uint8_t* __restrict__ absmax_8bit,
@@ -83,18 +91,10 @@ __global__ void dequantize_4bit_nested_kernel(const uint8_t* __restrict__ packed
   for (int i = threadIdx.x; i < 256; i += blockDim.x) table8[i] = code8[i];
   __syncthreads();
   const float shift = __ldg(offset);
-  const int64_t nbytes = (n + 1) / 2;
-  const float* values = c_tables[quant_type].values;
-  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < nbytes;
-       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const uint8_t byte = packed[j];
-    const int64_t i = 2 * j;
-    const int64_t block = i / blocksize;
+  dequantize_4bit_bytes(packed, n, blocksize, c_tables[quant_type].values, out, [&](int64_t block) {
     const float first = table8[__ldg(absmax_8bit + block)] * __ldg(nested_absmax + block / 256);
-    const float scale = first + shift;
-    out[i] = from_float<T>(values[byte >> 4] * scale);
-    if (i + 1 < n) out[i + 1] = from_float<T>(values[byte & 0x0F] * scale);
-  }
+    return first + shift;
+  });
 }
 
 }  // namespace

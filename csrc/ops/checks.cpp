@@ -124,15 +124,22 @@ void check_dequantize_blockwise(const at::Tensor& A, const at::Tensor& absmax,
 }
 
 namespace {
-void check_weight_4bit(std::string_view op, const at::Tensor& B, c10::SymIntArrayRef shapeB,
-                       const at::Tensor& absmax, int64_t blocksize) {
-  check_blocksize(op, blocksize);
+// B's bytes against shapeB [out, in]; returns out * in.
+c10::SymInt check_packed_weight(std::string_view op, const at::Tensor& B,
+                                c10::SymIntArrayRef shapeB) {
   TORCH_CHECK(shapeB.size() == 2, "qlora::", op,
               ": shapeB must be [out_features, in_features], got ", shapeB);
   const c10::SymInt n = checked_numel(op, shapeB);
   const c10::SymInt b_bytes = B.sym_numel() * static_cast<int64_t>(B.element_size());
   TORCH_CHECK(b_bytes == packed_bytes(n), "qlora::", op, ": B holds ", b_bytes,
               " bytes but shapeB ", shapeB, " needs ", packed_bytes(n));
+  return n;
+}
+
+void check_weight_4bit(std::string_view op, const at::Tensor& B, c10::SymIntArrayRef shapeB,
+                       const at::Tensor& absmax, int64_t blocksize) {
+  check_blocksize(op, blocksize);
+  const c10::SymInt n = check_packed_weight(op, B, shapeB);
   TORCH_CHECK(absmax.scalar_type() == at::kFloat, "qlora::", op, ": absmax must be float32, got ",
               absmax.scalar_type(),
               " (dequantize double-quantized statistics first: QuantState::float_absmax())");
@@ -200,12 +207,7 @@ void check_gemm_4bit(const at::Tensor& A, const at::Tensor& B, c10::SymIntArrayR
   check_float_dtype(op, "A", A.scalar_type());
   check_same_device(op, A, "A", B, "B");
   check_same_device(op, A, "A", absmax, "absmax");
-  TORCH_CHECK(shapeB.size() == 2, "qlora::", op,
-              ": shapeB must be [out_features, in_features], got ", shapeB);
-  const c10::SymInt n = checked_numel(op, shapeB);
-  const c10::SymInt b_bytes = B.sym_numel() * static_cast<int64_t>(B.element_size());
-  TORCH_CHECK(b_bytes == packed_bytes(n), "qlora::", op, ": B holds ", b_bytes,
-              " bytes but shapeB ", shapeB, " needs ", packed_bytes(n));
+  const c10::SymInt n = check_packed_weight(op, B, shapeB);
   TORCH_CHECK(A.dim() >= 1 && A.sym_size(-1) == shapeB[1], "qlora::", op, ": A's last dimension (",
               A.dim() ? A.sym_size(-1) : c10::SymInt(0),
               ") must equal in_features shapeB[1] = ", shapeB[1]);
