@@ -35,8 +35,10 @@ cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, 
 cfg._attn_implementation = "sdpa"
 torch.manual_seed(0)
 t0 = time.time()
+torch.set_default_dtype(torch.bfloat16)  # built in bf16 on the GPU directly
 with torch.device("cuda"):
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model = LlamaForCausalLM(cfg)
+torch.set_default_dtype(torch.float32)
 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 model.enable_input_require_grads()
 model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))

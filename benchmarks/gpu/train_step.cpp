@@ -6,6 +6,7 @@
 //
 //   gpu_train_step [--layers 32] [--seq 2048] [--batch 2] [--rank 16]
 //                  [--steps 5] [--warmup 2] [--selective]
+//   gpu_train_step --cpu --tiny ...   # a dry run of this program on the CPU
 // (benchmarks/bench_gpu.py runs it beside transformers + PEFT.)
 #include <torch/cuda.h>
 #include <torch/torch.h>
@@ -62,11 +63,12 @@ bool has(int argc, char** argv, const char* name) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (!torch::cuda::is_available()) {
+  const bool cpu = has(argc, argv, "--cpu");
+  if (!cpu && !torch::cuda::is_available()) {
     std::fprintf(stderr, "gpu_train_step: no CUDA device\n");
     return 77;
   }
-  const c10::Device device(c10::kCUDA, 0);
+  const c10::Device device = cpu ? c10::Device(c10::kCPU) : c10::Device(c10::kCUDA, 0);
   qlora::models::LlamaConfig c;  // Llama-3.1-8B
   c.vocab_size = 128256;
   c.hidden_size = 4096;
@@ -77,6 +79,13 @@ int main(int argc, char** argv) {
   c.rms_norm_eps = 1e-5;
   c.rope_theta = 500000.0;
   c.max_position_embeddings = 131072;
+  if (has(argc, argv, "--tiny")) {  // the same code on a small model
+    c.vocab_size = 1000;
+    c.hidden_size = 256;
+    c.intermediate_size = 512;
+    c.num_attention_heads = 4;
+    c.num_key_value_heads = 2;
+  }
   const int64_t seq = flag(argc, argv, "--seq", 2048), batch = flag(argc, argv, "--batch", 2);
   const int64_t steps = flag(argc, argv, "--steps", 5), warmup = flag(argc, argv, "--warmup", 2);
 
@@ -95,7 +104,10 @@ int main(int argc, char** argv) {
     if (p.key().find("lora_") == std::string::npos) p.value().requires_grad_(false);
   model->set_gradient_checkpointing(true, has(argc, argv, "--selective"));
   model->train();
-  torch::cuda::synchronize();
+  const auto sync = [&] {
+    if (!cpu) torch::cuda::synchronize();
+  };
+  sync();
   const double build_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   const int64_t after_build = qlora::train::peak_device_allocated_bytes(device);
 
@@ -109,7 +121,7 @@ int main(int argc, char** argv) {
                                         at::TensorOptions().dtype(at::kLong).device(device));
   double timed = 0, last_loss = 0;
   for (int64_t s = 0; s < warmup + steps; ++s) {
-    torch::cuda::synchronize();
+    sync();
     const auto s0 = Clock::now();
     opt.zero_grad();
     const at::Tensor loss = model->summed_loss(ids, ids) / static_cast<double>(batch * (seq - 1));

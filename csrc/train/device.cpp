@@ -8,6 +8,7 @@
 
 #ifdef QLORA_WITH_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime_api.h>
 #endif
@@ -101,6 +102,14 @@ int64_t peak_device_allocated_bytes(const c10::Device& device) {
 void reset_peak_device_allocated_bytes(const c10::Device& device) {
 #ifdef QLORA_WITH_CUDA
   if (device.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());
+#else
+  (void)device;
+#endif
+}
+
+void make_current(const c10::Device& device) {
+#ifdef QLORA_WITH_CUDA
+  if (device.is_cuda()) c10::cuda::set_device(device.index());
 #else
   (void)device;
 #endif

@@ -206,6 +206,11 @@ MemoryPlan plan_memory(const TrainConfig& cfg) {
   const nn::LoRAConfig& lora = cfg.lora;
   const bool native = cfg.model.base_format == "gguf-native";
   const QuantConfig quant{cfg.model.blocksize, cfg.model.quant_type, cfg.model.double_quant};
+  const std::optional<c10::Device> device = planned_device(cfg);
+  const std::string compute = planned_compute_dtype(cfg, device);
+  // On a GPU the dense tensors are held in a 16-bit compute dtype (ModelContext::load).
+  const bool gpu = device ? device->is_cuda() : cfg.training.device.rfind("cuda", 0) == 0;
+  const int64_t dense_width = gpu ? element_bytes(compute) : 4;
   MemoryPlan plan;
   {
     std::ostringstream m;
@@ -236,9 +241,9 @@ MemoryPlan plan_memory(const TrainConfig& cfg) {
       lora_layer = true;
       ++kept;
     } else {
-      dense_linear += numel * 4;
+      dense_linear += numel * dense_width;
     }
-    if (l.bias) dense_linear += l.out * 4;
+    if (l.bias) dense_linear += l.out * dense_width;
     if (!lora_layer) continue;
     ++layers;
     const int64_t r = target ? lora.r : 1;  // inert adapters: r = 1, frozen
@@ -254,14 +259,14 @@ MemoryPlan plan_memory(const TrainConfig& cfg) {
     }
   }
   const int64_t h = c.hidden_size;
-  int64_t dense = dense_linear + c.vocab_size * h * 4 + (2 * c.num_hidden_layers + 1) * h * 4;
-  if (c.tie_word_embeddings) dense -= c.vocab_size * h * 4;  // lm_head is the embedding
+  int64_t dense = dense_linear + c.vocab_size * h * dense_width +
+                  (2 * c.num_hidden_layers + 1) * h * dense_width;
+  if (c.tie_word_embeddings) dense -= c.vocab_size * h * dense_width;  // lm_head is the embedding
 
   // Activations of one micro-batch of max_length tokens per row (the upper
   // bound: padding-free layers see only real tokens).
   const int64_t tokens = cfg.training.micro_batch_size * cfg.data.max_length;
-  const std::optional<c10::Device> device = planned_device(cfg);
-  const int64_t vbytes = element_bytes(planned_compute_dtype(cfg, device));
+  const int64_t vbytes = element_bytes(compute);
   const ActivationModel am = activation_model(c, lora);
   const int64_t L = c.num_hidden_layers;
   const int64_t head = tokens * h * 4 * 2;  // final hidden state and its gradient
@@ -289,13 +294,19 @@ MemoryPlan plan_memory(const TrainConfig& cfg) {
                                     : "dense";
   plan.items = {
       {"frozen base Linears", base, std::to_string(kept) + " layers, " + base_kind},
-      {"dense weights", dense, "embeddings, norms, lm_head, un-quantised Linears (float32)"},
+      {"dense weights", dense,
+       std::string("embeddings, norms, lm_head, un-quantised Linears (") +
+           (dense_width == 4 ? "float32" : compute) + ")"},
       {"LoRA parameters", adapter,
        std::to_string(trainable) + " trainable (r " + std::to_string(lora.r) + ", " +
            std::to_string(layers) + " layers)"},
       {"LoRA gradients", plan.gradient_bytes, "float32"},
       {"optimizer state", plan.optimizer_bytes,
-       cfg.training.optimizer + (cfg.training.optimizer == "adamw" ? "" : " (paged to a file)")},
+       cfg.training.optimizer +
+           (cfg.training.optimizer == "adamw"
+                ? ""
+                : (device && device->is_cpu() ? " (paged to a file)"
+                                              : " (paged: CUDA managed memory)"))},
       {"activations", plan.activation_bytes,
        std::to_string(cfg.training.micro_batch_size) + " x " + std::to_string(cfg.data.max_length) +
            " tokens, " +

@@ -38,6 +38,7 @@ ModelContext ModelContext::load(const TrainConfig& config,
   ctx.device = resolve_device(c.training.device);
   const at::ScalarType compute = resolve_compute_dtype(c.model.compute_dtype, ctx.device);
   if (ctx.device.is_cuda()) {
+    make_current(ctx.device);
     torch::cuda::manual_seed_all(static_cast<uint64_t>(c.training.seed));
     log::info("device: " + describe_device(ctx.device) + ", compute " +
               std::string(c10::toString(compute)));

@@ -117,6 +117,7 @@ void Trainer::State::connect() {
   if (device.is_cuda() && (config.training.device == "auto" || config.training.device == "cuda"))
     config.training.device = "cuda:" + std::to_string(world->local_rank);
   const std::string backend = dist::resolve_backend(d.backend, device.is_cuda() ? "cuda" : "cpu");
+  if (device.is_cuda()) make_current(resolve_device(config.training.device));
   if (backend == "nccl") comm_device = resolve_device(config.training.device);
   const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(d.timeout_seconds * 1000));
   comm = dist::Communicator::connect(*world, backend, timeout);

@@ -70,7 +70,7 @@ if ((DRY_RUN)); then
 fi
 
 # ---- build what the CUDA tests and the benchmark run ----
-cmake --build "$BUILD" -j "$JOBS" --target qlora_ops qlora qlora_cli qlora_tests gpu_train_step >>"$LOG" 2>&1
+cmake --build "$BUILD" -j "$JOBS" --target qlora_ops qlora qlora_cli qlora_cuda_tests gpu_train_step >>"$LOG" 2>&1
 rc=$?
 if ((rc != 0)); then
   say "FAIL: build (exit $rc)"

@@ -33,7 +33,11 @@ std::optional<DeviceMemory> device_memory(const c10::Device& device);
 int64_t peak_device_allocated_bytes(const c10::Device& device);
 void reset_peak_device_allocated_bytes(const c10::Device& device);
 
-// "NVIDIA H200 (sm_90, 139.8 GiB)", or "CPU".
+// Makes a CUDA device this thread's current one (NCCL and the allocator's
+// default); nothing for the CPU.
+void make_current(const c10::Device& device);
+
+// "NVIDIA H200 (cuda:0, sm_90, 139.8 GiB)", or "CPU".
 std::string describe_device(const c10::Device& device);
 
 }  // namespace qlora::train
