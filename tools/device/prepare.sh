@@ -25,7 +25,12 @@ mkdir -p "$DEPS/debs"
   for p in "${PACKAGES[@]}"; do compgen -G "${p}_*.deb" >/dev/null || have+=("$p"); done
   if ((${#have[@]})); then
     echo "[prepare] apt-get download ${have[*]}"
-    apt-get download "${have[@]}"
+    if ! apt-get download "${have[@]}"; then
+      # Stale or missing package lists: refresh them once.
+      SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+      $SUDO apt-get update -qq
+      apt-get download "${have[@]}"
+    fi
   fi
 )
 size=$(du -sm "$DEPS/debs" | cut -f1)
