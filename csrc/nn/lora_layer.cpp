@@ -38,11 +38,14 @@ at::Tensor LoRALayerImpl::frozen_base_matmul(const at::Tensor& x, at::ScalarType
 void LoRALayerImpl::init_adapter(c10::Device device) {
   const auto opts = at::TensorOptions().dtype(at::kFloat).device(device);
   // PEFT: A like nn.Linear's default (Kaiming-uniform, a = sqrt(5)), B zeros.
-  at::Tensor a = at::empty({config_.r, in_features_}, opts);
+  // Drawn from the CPU generator on every device, so a run starts from the
+  // same adapter on the GPU as on the CPU.
+  at::Tensor a = at::empty({config_.r, in_features_}, at::TensorOptions().dtype(at::kFloat));
   {
     at::NoGradGuard no_grad;
     torch::nn::init::kaiming_uniform_(a, std::sqrt(5.0));
   }
+  if (!device.is_cpu()) a = a.to(device);
   lora_A = register_parameter("lora_A", a);
   lora_B = register_parameter("lora_B", at::zeros({out_features_, config_.r}, opts));
   if (config_.use_dora) {

@@ -111,9 +111,13 @@ def test_cuda_equals_cpu(call):
     cpu_args = [_to_cpu(a) for a in args]
     gpu_args = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args]
     got, want = op(*gpu_args), op(*cpu_args)
-    if got is None:  # in-place ops: compare every argument they may write
+    if got is None:  # in-place and .out ops: compare every argument they may write
         for g, w in zip(gpu_args, cpu_args):
-            if isinstance(g, torch.Tensor):
+            if not isinstance(g, torch.Tensor):
+                continue
+            if "gemv" in str(op):  # a dot product: the warp sums in another order
+                torch.testing.assert_close(g.cpu().float(), w.float(), rtol=3e-2, atol=3e-2)
+            else:  # the shared per-element math: the same bits
                 assert torch.equal(g.cpu(), w), op
     else:
         tol = 1e-4 if got.dtype == torch.float32 else 3e-2
