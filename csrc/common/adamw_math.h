@@ -81,8 +81,10 @@ QLORA_HD bool adamw_element(float g, float& p, float& m, float& v, const AdamWSc
   return apply;
 }
 
-// Re-quantisation of one block of 8-bit state (quantize_blockwise's rule):
-// the block's absmax, or kNonFiniteBits-or-more bits when it holds inf/NaN.
+// The code of one 8-bit state element when its block is re-quantised
+// (quantize_blockwise's rule: normalise by the block's absmax, nearest code).
+// The CUDA kernel searches the boundaries with encode_8bit; the CPU kernel
+// reaches the same code through cpu/nearest_code.h's table.
 QLORA_HD uint8_t encode_state_8bit(float x, float absmax, float inv_absmax, bool partial,
                                    const float* bounds255) {
   return encode_8bit(partial ? normalise_partial(x, absmax) : normalise_full(x, inv_absmax),

@@ -36,8 +36,9 @@ def close(a, b, tol=1e-3):
 
 def test_twenty_steps_on_the_gpu_equal_the_cpu_run(tiny, tmp_path):
     gpu, cpu = tmp_path / "gpu", tmp_path / "cpu"
-    run(config(tmp_path, tiny, gpu, "gpu.yaml", "cuda"))
-    run(config(tmp_path, tiny, cpu, "cpu.yaml", "cpu"))
+    # selective recomputation: the frozen matmuls' outputs replayed on the device too
+    run(config(tmp_path, tiny, gpu, "gpu.yaml", "cuda", selective_recompute=True))
+    run(config(tmp_path, tiny, cpu, "cpu.yaml", "cpu", selective_recompute=True))
     lg, lc = train_losses(gpu), train_losses(cpu)
     assert len(lg) == STEPS
     close(lg, lc)
@@ -63,9 +64,12 @@ def test_checkpoints_move_between_gpu_and_cpu(tiny, tmp_path, first, then):
 
 def test_auto_trains_in_bfloat16_on_the_gpu(tiny, tmp_path):
     out = tmp_path / "auto"
+    # packed rows: the segment-masked attention path on the device
     path = write_config(tmp_path / "auto.yaml", tiny, out,
                         training={"max_steps": STEPS, "micro_batch_size": 4, "lr": 5e-3,
-                                  "optimizer": "paged_adamw_8bit", "seed": 7})
+                                  "optimizer": "paged_adamw_8bit", "seed": 7},
+                        data={"train": str(tiny["data"]), "eval_split": 0.2, "max_length": 64,
+                              "packing": True})
     res = run(path)
     assert "compute BFloat16" in res.stderr + res.stdout
     losses = train_losses(out)
