@@ -35,7 +35,15 @@ if [[ ! -d $PREFIX/usr ]]; then
     exit 2
   fi
   mkdir -p "$PREFIX"
-  for d in "$REPO"/.device-deps/debs/*.deb; do dpkg-deb -x "$d" "$PREFIX"; done
+  for d in "$REPO"/.device-deps/debs/*.deb; do
+    if command -v dpkg-deb >/dev/null; then
+      dpkg-deb -x "$d" "$PREFIX"
+    else  # a .deb is an ar archive around data.tar.*
+      member=$(ar t "$d" | grep '^data\.tar')
+      ar p "$d" "$member" | tar -x -C "$PREFIX" $([[ $member == *.xz ]] && echo -J) \
+        $([[ $member == *.zst ]] && echo --zstd)
+    fi
+  done
 fi
 MULTIARCH=$PREFIX/usr/lib/x86_64-linux-gnu
 export LD_LIBRARY_PATH=$MULTIARCH${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
