@@ -80,6 +80,16 @@ at::Tensor matmul_4bit_grad_input(const at::Tensor& grad_out, const at::Tensor& 
                                     : detail::dense_linear(grad_out, Wd.t());
 }
 
+// What both 4-bit autograd functions keep besides tensors: the weight's layout.
+void save_weight_layout(torch::autograd::AutogradContext* ctx, int64_t blocksize,
+                        std::string_view quant_type, c10::SymIntArrayRef shapeB,
+                        const std::optional<at::Tensor>& bias) {
+  ctx->saved_data["blocksize"] = blocksize;
+  ctx->saved_data["quant_type"] = std::string(quant_type);
+  ctx->saved_data["shapeB"] = c10::IValue(shapeB);
+  ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+}
+
 std::vector<c10::SymInt> saved_shape(torch::autograd::AutogradContext* ctx) {
   std::vector<c10::SymInt> shapeB;
   for (const auto& s : ctx->saved_data["shapeB"].toListRef()) shapeB.push_back(s.toSymInt());
@@ -97,10 +107,7 @@ class Matmul4bitFunction : public torch::autograd::Function<Matmul4bitFunction> 
                             const std::optional<at::Tensor>& bias,
                             const std::optional<at::Tensor>& replayed) {
     ctx->save_for_backward({B, absmax});
-    ctx->saved_data["blocksize"] = blocksize;
-    ctx->saved_data["quant_type"] = std::string(quant_type);
-    ctx->saved_data["shapeB"] = c10::IValue(shapeB);
-    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    save_weight_layout(ctx, blocksize, quant_type, shapeB, bias);
     if (replayed) return replayed->detach();
     return matmul_4bit_below_autograd(x, B, absmax, blocksize, quant_type, shapeB, bias);
   }
@@ -166,10 +173,7 @@ class Gemm4bitFunction : public torch::autograd::Function<Gemm4bitFunction> {
     ctx->save_for_backward({B, absmax, nested ? *absmax_8bit : at::Tensor(),
                             nested ? *absmax_code : at::Tensor(),
                             nested ? *absmax_offset : at::Tensor()});
-    ctx->saved_data["blocksize"] = blocksize;
-    ctx->saved_data["quant_type"] = std::string(quant_type);
-    ctx->saved_data["shapeB"] = c10::IValue(shapeB);
-    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    save_weight_layout(ctx, blocksize, quant_type, shapeB, bias);
     return gemm_4bit_below_autograd(A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit,
                                     absmax_code, absmax_offset);
   }
