@@ -10,6 +10,7 @@
 
 #include "qlora/io/atomic_file.h"
 #include "qlora/nn/peft_adapter.h"
+#include "train/output_folder.h"
 #include "util/fs.h"
 #include "util/json_file.h"
 #include "util/log.h"
@@ -78,6 +79,25 @@ std::string what_is_left(const std::string& output_dir) {
                 : "; no earlier checkpoint exists";
 }
 
+// One try: a temporary folder, filled, then renamed into place; on failure
+// nothing partial is left and the error is rethrown.
+void write_checkpoint_once(const std::string& tmp, const std::string& final_dir,
+                           const CheckpointParts& parts, const LoopState& state) {
+  try {
+    fs::remove_tree(tmp);
+    fs::make_dirs(tmp);
+    write_checkpoint_files(tmp, parts, state);
+    fs::remove_tree(final_dir);  // a re-run of the same step replaces it
+    fs::rename_durably(tmp, final_dir);
+  } catch (...) {
+    try {
+      fs::remove_tree(tmp);
+    } catch (const std::exception&) {
+    }
+    throw;
+  }
+}
+
 }  // namespace
 
 std::string save_checkpoint(const std::string& output_dir, const CheckpointParts& parts,
@@ -85,21 +105,10 @@ std::string save_checkpoint(const std::string& output_dir, const CheckpointParts
   const std::string final_dir = output_dir + "/" + checkpoint_name(state.step);
   const std::string tmp =
       output_dir + "/" + kTmpPrefix + std::to_string(state.step) + "-" + std::to_string(getpid());
-  // The run is only in memory now: saving it into a re-created folder beats losing it.
-  if (!fs::is_dir(output_dir))
-    log::warn("the output folder " + output_dir +
-              " has disappeared since training started; creating it again for " + final_dir);
   try {
-    fs::remove_tree(tmp);
-    fs::make_dirs(tmp);
-    write_checkpoint_files(tmp, parts, state);
-    fs::remove_tree(final_dir);  // a re-run of the same step replaces it
-    fs::rename_durably(tmp, final_dir);
+    write_into_output_folder(output_dir, final_dir,
+                             [&] { write_checkpoint_once(tmp, final_dir, parts, state); });
   } catch (const std::exception& e) {
-    try {
-      fs::remove_tree(tmp);  // no partial checkpoint is left behind
-    } catch (const std::exception&) {
-    }
     throw CheckpointError("cannot save checkpoint " + final_dir + ": " + e.what() +
                           what_is_left(output_dir));
   }

@@ -25,6 +25,7 @@
 #include "train/checkpoint.h"
 #include "train/label_tokens.h"
 #include "train/metrics.h"
+#include "train/output_folder.h"
 #include "util/fs.h"
 #include "util/log.h"
 #include "util/rng_state.h"
@@ -456,7 +457,11 @@ std::string Trainer::State::save_checkpoint() {
   saved_step = loop.step;
   metrics.checkpoint(loop.step);
   log::info("saved " + dir);
-  detail::prune_checkpoints(config.output_dir, config.training.keep_last);
+  try {  // housekeeping: the checkpoint just saved is what matters
+    detail::prune_checkpoints(config.output_dir, config.training.keep_last);
+  } catch (const std::exception& e) {
+    log::warn(std::string("old checkpoints not pruned: ") + e.what() + "; training goes on");
+  }
   return dir;
 }
 
@@ -532,7 +537,9 @@ TrainSummary Trainer::run() {
   if (s.main_rank()) {
     s.metrics.eval(s.loop.step, summary.eval_loss_after);
     summary.generations_after = s.generate_samples();
-    nn::save_peft_adapter(adapter_dir, *s.ctx().model, s.ctx().lora, {s.config.model.path});
+    detail::write_into_output_folder(s.config.output_dir, adapter_dir, [&] {
+      nn::save_peft_adapter(adapter_dir, *s.ctx().model, s.ctx().lora, {s.config.model.path});
+    });
   }
   summary.steps = s.loop.step;
   summary.skipped_steps = s.loop.skipped_steps;
@@ -550,7 +557,9 @@ TrainSummary Trainer::run() {
                      s.metrics.path(), s.metrics.plot()};
   if (s.main_rank()) {
     const std::string json = summary.to_json();
-    io::write_bytes_atomic(s.config.output_dir + "/summary.json", json.data(), json.size());
+    const std::string path = s.config.output_dir + "/summary.json";
+    detail::write_into_output_folder(
+        s.config.output_dir, path, [&] { io::write_bytes_atomic(path, json.data(), json.size()); });
   }
   // Nobody leaves before rank 0 has written everything (a launcher's exit
   // means the run's files are complete).

@@ -218,7 +218,12 @@ def test_output_folder_deleted_mid_run_is_recreated_and_the_run_saved(tiny, tmp_
     proc = subprocess.Popen([str(QLORA), "train", str(config)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     wait_for_checkpoint(proc, out, 2)
-    shutil.rmtree(out)
+    # Renamed away first, so the folder goes at once, even in the middle of a
+    # save (which then saves again); removing it file by file would race the
+    # trainer's next write.
+    gone = tmp_path / "out-deleted"
+    out.rename(gone)
+    shutil.rmtree(gone)
     _, stderr = proc.communicate(timeout=300)
     stderr = stderr.decode(errors="replace")
     assert proc.returncode == 0, stderr[-3000:]

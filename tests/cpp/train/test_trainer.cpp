@@ -9,6 +9,8 @@
 #include "reference_loss.h"
 #include "test_utils.h"
 #include "train/label_tokens.h"
+#include "train/output_folder.h"
+#include "util/fs.h"
 
 namespace {
 
@@ -152,4 +154,54 @@ TEST(TrainDevice, SettingsResolveOrSayWhatIsMissing) {
     qlora::test::expect_error([] { resolve_device("cuda"); }, "training.device: cuda, but ");
     qlora::test::expect_error([] { resolve_device("cuda:1"); }, "training.device: cuda:1, but ");
   }
+}
+
+// A folder removed under a run (before a write or in the middle of it) is
+// made again and the write repeated once; other failures are not retried.
+TEST(OutputFolder, RemovedFolderIsMadeAgainAndTheWriteRepeated) {
+  namespace fs = qlora::fs;
+  using qlora::train::detail::write_into_output_folder;
+  qlora::test::TempDir scratch;
+  const std::string out = scratch.path() + "/out";
+
+  int calls = 0;
+  write_into_output_folder(out, "file", [&] {  // gone before the write
+    ++calls;
+    EXPECT_TRUE(fs::is_dir(out));
+  });
+  EXPECT_EQ(calls, 1);
+
+  calls = 0;
+  write_into_output_folder(out, "file", [&] {  // removed during the write
+    if (++calls == 1) {
+      fs::remove_tree(out);
+      throw std::runtime_error("cannot write " + out + "/file: No such file or directory");
+    }
+    EXPECT_TRUE(fs::is_dir(out));
+  });
+  EXPECT_EQ(calls, 2);
+
+  calls = 0;
+  qlora::test::expect_error(
+      [&] {
+        write_into_output_folder(out, "file", [&] {  // the folder is there: a real failure
+          ++calls;
+          throw std::runtime_error("disk full");
+        });
+      },
+      "disk full");
+  EXPECT_EQ(calls, 1);
+
+  calls = 0;
+  qlora::test::expect_error(
+      [&] {
+        write_into_output_folder(out, "file", [&] {  // removed again and again: one retry only
+          ++calls;
+          fs::remove_tree(out);
+          throw std::runtime_error("gone again");
+        });
+      },
+      "gone again");
+  EXPECT_EQ(calls, 2);
+  fs::remove_tree(out);
 }
