@@ -85,7 +85,7 @@ void write_checkpoint_once(const std::string& tmp, const std::string& final_dir,
                            const CheckpointParts& parts, const LoopState& state) {
   try {
     fs::remove_tree(tmp);
-    fs::make_dirs(tmp);
+    fs::make_dir(tmp);  // not mkdir -p: a removed output folder must show, not be re-made here
     write_checkpoint_files(tmp, parts, state);
     fs::remove_tree(final_dir);  // a re-run of the same step replaces it
     fs::rename_durably(tmp, final_dir);

@@ -9,9 +9,10 @@ namespace qlora::train::detail {
 namespace {
 
 void recreate(const std::string& output_dir, const std::string& what) {
-  log::warn("the output folder " + output_dir +
-            " has disappeared since training started; creating it again for " + what);
   fs::make_dirs(output_dir);
+  log::reopen_files();  // train.log lives there
+  log::warn("the output folder " + output_dir +
+            " has disappeared since training started; created it again for " + what);
 }
 
 }  // namespace

@@ -46,6 +46,11 @@ void make_dirs(const std::string& path) {
   if (mkdir(path.c_str(), 0755) != 0 && errno != EEXIST) fail("cannot create folder", path);
 }
 
+void make_dir(const std::string& path) {
+  if (mkdir(path.c_str(), 0755) != 0 && !(errno == EEXIST && is_dir(path)))
+    fail("cannot create folder", path);
+}
+
 void remove_tree(const std::string& path) {
   struct stat st {};
   if (lstat(path.c_str(), &st) != 0) return;

@@ -9,9 +9,10 @@ namespace qlora::fs {
 
 bool exists(const std::string& path);
 bool is_dir(const std::string& path);
-bool is_file(const std::string& path);                       // a regular file (or a link to one)
-void make_dirs(const std::string& path);                     // mkdir -p; errors name the path
-void remove_tree(const std::string& path);                   // rm -rf; missing is fine
+bool is_file(const std::string& path);      // a regular file (or a link to one)
+void make_dirs(const std::string& path);    // mkdir -p; errors name the path
+void make_dir(const std::string& path);     // mkdir: the parent must exist; errors name the path
+void remove_tree(const std::string& path);  // rm -rf; missing is fine
 std::vector<std::string> list_dir(const std::string& path);  // names, sorted
 // rename(2) and fsync of the parent folder, so the new name survives a
 // crash. Throws if either fails (a file system that cannot fsync a folder,

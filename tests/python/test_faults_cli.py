@@ -228,6 +228,8 @@ def test_output_folder_deleted_mid_run_is_recreated_and_the_run_saved(tiny, tmp_
     stderr = stderr.decode(errors="replace")
     assert proc.returncode == 0, stderr[-3000:]
     assert f"the output folder {out} has disappeared since training started" in stderr
+    # The log file is opened again in the new folder, the warning first.
+    assert "has disappeared since training started" in (out / "train.log").read_text()
     assert (out / f"checkpoint-{STEPS}" / "trainer_state.json").exists()
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert_nothing_partial(out)
