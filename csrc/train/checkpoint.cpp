@@ -13,7 +13,6 @@
 #include "train/output_folder.h"
 #include "util/fs.h"
 #include "util/json_file.h"
-#include "util/log.h"
 #include "util/rng_state.h"
 
 namespace qlora::train::detail {
